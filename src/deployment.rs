@@ -1,0 +1,138 @@
+//! Connecting to MongoDB and checking that the deployment can serve change streams and
+//! transactions. A standalone mongod is refused with an error that says how to fix it,
+//! including when the URI names a replica set that the server is not part of.
+
+use std::time::Duration;
+
+use mongodb::bson::{doc, Document};
+use mongodb::options::ClientOptions;
+use mongodb::Client;
+
+use crate::config::{mask_uri, Config};
+use crate::error::{Action, Error};
+use crate::retry::{self, Failure};
+
+/// How long the driver looks for a suitable server before an operation fails; the
+/// supervisor's backoff then decides when to try again.
+const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long each direct probe of a seed host may take when looking for a standalone.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the check learned about the deployment, for `check-config` and the start-up log.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// Replica set name, or `None` behind a mongos.
+    pub replica_set: Option<String>,
+    pub server_version: String,
+}
+
+/// Builds a client for the configured URI. The driver connects lazily, so this fails only
+/// for a URI it cannot parse.
+///
+/// # Errors
+///
+/// [`Error::Config`] naming `mongodb.uri` when the URI is invalid.
+pub async fn connect(config: &Config) -> Result<Client, Error> {
+    let mut options = parse_options(config).await?;
+    options.app_name = Some(format!("perfagg {}", env!("CARGO_PKG_VERSION")));
+    if options.server_selection_timeout.is_none() {
+        options.server_selection_timeout = Some(SERVER_SELECTION_TIMEOUT);
+    }
+    Client::with_options(options).map_err(|error| invalid_uri(config, &error))
+}
+
+/// Asks the server what it is.
+///
+/// # Errors
+///
+/// [`Error::NoChangeStreams`] for a standalone mongod, and [`Error::Mongo`] when no server
+/// answers (the caller retries).
+pub async fn check(client: &Client, config: &Config) -> Result<Deployment, Error> {
+    let admin = client.database("admin");
+    let hello = match admin.run_command(doc! { "hello": 1 }).await {
+        Ok(hello) => hello,
+        Err(error) => {
+            // With replicaSet= in the URI the driver ignores a standalone server instead of
+            // reporting it; ask each seed host directly so the operator gets the real reason.
+            if probe_for_standalone(config).await {
+                return Err(Error::NoChangeStreams {
+                    uri: mask_uri(&config.mongodb.uri),
+                });
+            }
+            return Err(check_failed(config, error));
+        }
+    };
+    if !serves_change_streams(&hello) {
+        return Err(Error::NoChangeStreams {
+            uri: mask_uri(&config.mongodb.uri),
+        });
+    }
+    let build_info = admin
+        .run_command(doc! { "buildInfo": 1 })
+        .await
+        .map_err(|error| check_failed(config, error))?;
+    Ok(Deployment {
+        replica_set: hello.get_str("setName").ok().map(str::to_string),
+        server_version: build_info
+            .get_str("version")
+            .unwrap_or("unknown")
+            .to_string(),
+    })
+}
+
+fn check_failed(config: &Config, error: mongodb::error::Error) -> Error {
+    if retry::classify(&error) == Failure::Authentication {
+        return Error::Authentication {
+            uri: mask_uri(&config.mongodb.uri),
+            error: Box::new(error),
+        };
+    }
+    Error::mongo(Action::CheckDeployment)(error)
+}
+
+fn serves_change_streams(hello: &Document) -> bool {
+    hello.contains_key("setName") || hello.get_str("msg") == Ok("isdbgrid")
+}
+
+/// Returns true when some seed host answers as a standalone mongod.
+async fn probe_for_standalone(config: &Config) -> bool {
+    let Ok(options) = parse_options(config).await else {
+        return false;
+    };
+    for host in &options.hosts {
+        let mut direct = options.clone();
+        direct.hosts = vec![host.clone()];
+        direct.direct_connection = Some(true);
+        direct.repl_set_name = None;
+        direct.server_selection_timeout = Some(PROBE_TIMEOUT);
+        let Ok(client) = Client::with_options(direct) else {
+            continue;
+        };
+        let reply = client
+            .database("admin")
+            .run_command(doc! { "hello": 1 })
+            .await;
+        if let Ok(hello) = reply {
+            if !serves_change_streams(&hello) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+async fn parse_options(config: &Config) -> Result<ClientOptions, Error> {
+    ClientOptions::parse(&config.mongodb.uri)
+        .await
+        .map_err(|error| invalid_uri(config, &error))
+}
+
+fn invalid_uri(config: &Config, error: &mongodb::error::Error) -> Error {
+    Error::Config {
+        origin: config.origin.clone(),
+        problems: vec![format!(
+            "`mongodb.uri`: `{}` cannot be used: {error}",
+            mask_uri(&config.mongodb.uri)
+        )],
+    }
+}

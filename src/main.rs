@@ -1,0 +1,110 @@
+//! The `perfagg` command: parses the command line, loads the configuration, sets up logging
+//! and dispatches to the daemon or to a one-shot command. Errors are printed here once, with
+//! their whole chain, and mapped to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use perfagg::config::{mask_uri, Config, Environment};
+use perfagg::error::chain;
+use perfagg::{daemon, deployment, logging, shutdown, Error};
+
+/// Merges n8n staging documents into performance_data through a MongoDB change stream.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground until SIGTERM or SIGINT.
+    Run(ConfigArgs),
+    /// Validate the configuration, connect, and print the effective settings.
+    CheckConfig(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// Configuration file [default: /etc/perfagg/perfagg.toml if it exists, else built-in
+    /// defaults]. PERFAGG_MONGODB_URI, PERFAGG_DATABASE, PERFAGG_LOG and PERFAGG_LOG_FORMAT
+    /// override its values.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("perfagg: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(&args).await,
+            Command::CheckConfig(args) => check_config(&args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(
+                error = chain(&error),
+                exit_code = error.exit_code(),
+                "Stopped with an error."
+            );
+            eprintln!("perfagg: error: {}", chain(&error));
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+async fn run(args: &ConfigArgs) -> Result<(), Error> {
+    let config = Config::load(args.config.as_deref(), &Environment::from_process())?;
+    logging::init(&config.log);
+    daemon::log_start(&config);
+
+    let token = CancellationToken::new();
+    let signals = shutdown::listen(token.clone()).map_err(|source| Error::ConfigRead {
+        path: "signal handlers".to_string(),
+        source,
+    })?;
+    let progress = Arc::new(daemon::Progress::default());
+    let result = daemon::run(&config, &token, progress).await;
+    signals.abort();
+    if result.is_ok() {
+        tracing::info!("Stopped.");
+    }
+    result
+}
+
+async fn check_config(args: &ConfigArgs) -> Result<(), Error> {
+    let config = Config::load(args.config.as_deref(), &Environment::from_process())?;
+    logging::init(&config.log);
+    let client = deployment::connect(&config).await?;
+    let deployment = deployment::check(&client, &config).await?;
+    println!("# effective settings, from {}", config.origin);
+    print!("{}", config.to_toml_masked());
+    println!();
+    println!(
+        "# connected to {}: {}, MongoDB {}",
+        mask_uri(&config.mongodb.uri),
+        deployment.replica_set.map_or_else(
+            || "sharded cluster".to_string(),
+            |name| format!("replica set {name}")
+        ),
+        deployment.server_version
+    );
+    Ok(())
+}
