@@ -19,13 +19,16 @@ use crate::config::{mask_uri, Config};
 use crate::deployment;
 use crate::error::{chain, Action, Error};
 use crate::lease::{Held, Lease, Owner};
+use crate::reset;
 use crate::retry::{self, Backoff, Failure};
 use crate::sink::{BatchOutcome, Sink};
-use crate::state::{Position, StateStore, Stored};
+use crate::state::{Position, Resume, StateStore, Stored};
 use crate::stream::{token_cluster_time, ChangeSource, Start};
 
 /// Longest pause between two looks at the lease while standing by.
 const STANDBY_POLL_MAX: Duration = Duration::from_secs(1);
+/// How often the running pipeline looks for a reset request between batches.
+const RESET_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Counters of the running daemon, shared with whoever observes its progress.
 #[derive(Debug, Default)]
@@ -86,6 +89,10 @@ pub async fn run(
         }
         if let Error::LeaseLost { epoch } = error {
             info!(epoch, "Lost the lease; standing by.");
+            continue;
+        }
+        if let Error::ResetRequested = error {
+            info!("A reset was requested; restarting the pipeline to perform it.");
             continue;
         }
         progress.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -159,7 +166,17 @@ async fn run_pipeline(
     );
 
     let mut last_stored = Instant::now();
+    let mut last_reset_poll = Instant::now();
     loop {
+        // A pending reset stops the pipeline at this batch boundary; the fence would refuse
+        // the next commit anyway, and this notices it while the stream is idle too.
+        if last_reset_poll.elapsed() >= RESET_POLL_INTERVAL {
+            if sink.state().is_reset_pending().await? {
+                return Err(Error::ResetRequested);
+            }
+            last_reset_poll = Instant::now();
+        }
+
         // Shutdown and the loss of the lease are honoured only here, between batches; a
         // commit in progress finishes or is refused by the epoch fence.
         let batch = tokio::select! {
@@ -246,10 +263,16 @@ async fn start_pipeline<'a>(config: &'a Config, owner: &Owner) -> Result<Pipelin
     };
     let sink = Sink::new(config, &client, state);
 
+    // Pending resets run first, before the stored position is read, because they replace it.
+    while let Some(request) = sink.state().pending_reset().await? {
+        reset::perform(&db, config, &sink, &request).await?;
+    }
+    sink.state().clear_stale_reset_mark().await?;
+
     let replica_set = deployment.replica_set.as_deref().unwrap_or("-");
-    let Stored { position, watch } = sink.state().load().await?;
-    let (source, position) = match position {
-        Some(position) => {
+    let Stored { resume, watch } = sink.state().load().await?;
+    let (source, position) = match resume {
+        Some(Resume::After(position)) => {
             let source = open_after(
                 &db,
                 config,
@@ -263,6 +286,24 @@ async fn start_pipeline<'a>(config: &'a Config, owner: &Owner) -> Result<Pipelin
                 replica_set,
                 server_version = deployment.server_version,
                 "Resumed the change stream after the stored position."
+            );
+            (source, position)
+        }
+        Some(Resume::AtTime(time)) => {
+            // No token exists for this time yet; the first commit stores one. Until then the
+            // position names only the cluster time, for logs and messages.
+            let position = Position {
+                resume_token: Document::new(),
+                cluster_time: Some(time),
+            };
+            let source = ChangeSource::open(&db, config, &Start::AtTime(time))
+                .await
+                .map_err(|error| lost_position(error, &position))?;
+            info!(
+                position = position.cluster_time_text(),
+                replica_set,
+                server_version = deployment.server_version,
+                "Replaying the change stream from the time a reset set."
             );
             (source, position)
         }

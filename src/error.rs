@@ -22,6 +22,10 @@ pub enum Error {
         problems: Vec<String>,
     },
 
+    /// A command-line request that cannot be carried out as given.
+    #[error("{message}")]
+    InvalidArgument { message: String },
+
     /// The deployment cannot serve change streams (a standalone mongod).
     #[error(
         "{uri} is a standalone mongod, which has no change streams; \
@@ -86,6 +90,10 @@ pub enum Error {
     #[error("lost the lease (held epoch {epoch}); another instance took over")]
     LeaseLost { epoch: i64 },
 
+    /// A reset was requested; the supervisor restarts the pipeline, which performs it.
+    #[error("a reset was requested")]
+    ResetRequested,
+
     /// The stored position cannot be resumed with the configured watch filter because the
     /// staging collections in the configuration changed since it was stored.
     #[error(
@@ -121,6 +129,8 @@ pub enum Action {
     ReadStream,
     Transaction,
     Lease,
+    Rescan,
+    Status,
 }
 
 impl fmt::Display for Action {
@@ -135,6 +145,8 @@ impl fmt::Display for Action {
             Action::ReadStream => "reading the change stream",
             Action::Transaction => "the merge transaction",
             Action::Lease => "updating the lease",
+            Action::Rescan => "rescanning the staging collections",
+            Action::Status => "reading the status",
         };
         formatter.write_str(text)
     }
@@ -161,7 +173,10 @@ impl Error {
 
     /// Whether the daemon's supervisor should reconnect and try again after this error.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Mongo { .. } | Error::LeaseLost { .. })
+        matches!(
+            self,
+            Error::Mongo { .. } | Error::LeaseLost { .. } | Error::ResetRequested
+        )
     }
 }
 

@@ -144,20 +144,7 @@ impl Lease {
     ///
     /// [`Error::Mongo`] when the read fails.
     pub async fn read(&self) -> Result<Option<LeaseView>, Error> {
-        let found = self
-            .coll
-            .find_one(doc! { "_id": LEASE_ID })
-            .await
-            .map_err(Error::mongo(Action::Lease))?;
-        Ok(found.map(|document| LeaseView {
-            owner: document.get_str("owner").unwrap_or_default().to_string(),
-            epoch: match document.get("epoch") {
-                Some(Bson::Int64(epoch)) => *epoch,
-                Some(Bson::Int32(epoch)) => i64::from(*epoch),
-                _ => 0,
-            },
-            expires_at: document.get_datetime("expires_at").ok().copied(),
-        }))
+        read_lease(&self.coll).await
     }
 
     /// Extends the lease by its TTL. Returns false when another owner or epoch holds it.
@@ -266,4 +253,25 @@ fn error_text(error: &Error) -> String {
         Error::Mongo { error, .. } => describe(error),
         other => other.to_string(),
     }
+}
+
+/// Reads the lease document of a state collection, if any.
+///
+/// # Errors
+///
+/// [`Error::Mongo`] when the read fails.
+pub async fn read_lease(coll: &Collection<Document>) -> Result<Option<LeaseView>, Error> {
+    let found = coll
+        .find_one(doc! { "_id": LEASE_ID })
+        .await
+        .map_err(Error::mongo(Action::Lease))?;
+    Ok(found.map(|document| LeaseView {
+        owner: document.get_str("owner").unwrap_or_default().to_string(),
+        epoch: match document.get("epoch") {
+            Some(Bson::Int64(epoch)) => *epoch,
+            Some(Bson::Int32(epoch)) => i64::from(*epoch),
+            _ => 0,
+        },
+        expires_at: document.get_datetime("expires_at").ok().copied(),
+    }))
 }

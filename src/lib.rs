@@ -17,10 +17,12 @@ pub mod error;
 pub mod lease;
 pub mod logging;
 pub mod merge;
+pub mod reset;
 pub mod retry;
 pub mod shutdown;
 pub mod sink;
 pub mod state;
+pub mod status;
 pub mod stream;
 
 pub use error::Error;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use perfagg::config::{mask_uri, Config, Environment};
 use perfagg::error::chain;
+use perfagg::reset::request::ResetArgs;
 use perfagg::{daemon, deployment, logging, shutdown, Error};
 
 /// Merges n8n staging documents into performance_data through a MongoDB change stream.
@@ -27,6 +28,42 @@ enum Command {
     Run(ConfigArgs),
     /// Validate the configuration, connect, and print the effective settings.
     CheckConfig(ConfigArgs),
+    /// Show the stored position, its lag, the lease holder, counts and resets.
+    Status(StatusArgs),
+    /// Reset the stored position to reprocess changes; a running daemon performs it.
+    Reset(ResetCommand),
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Print JSON for scripts instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ResetCommand {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Replay the change stream from TIME (RFC 3339, or YYYY-MM-DD meaning its midnight in
+    /// merge.timezone); with --rescan, merge only staging documents dated on or after this day.
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Merge the staging documents again in insertion order, then continue the stream from
+    /// when the rescan began.
+    #[arg(long)]
+    rescan: bool,
+    /// Forget the stored position and continue from now, skipping the backlog.
+    #[arg(long)]
+    to_now: bool,
+    /// Clear perfagg's fields in every target document, then rescan everything.
+    #[arg(long)]
+    rebuild: bool,
+    /// Do not ask for confirmation (required without a terminal).
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +91,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(&args).await,
             Command::CheckConfig(args) => check_config(&args).await,
+            Command::Status(args) => status(&args).await,
+            Command::Reset(args) => reset(&args).await,
         }
     });
     match result {
@@ -87,6 +126,33 @@ async fn run(args: &ConfigArgs) -> Result<(), Error> {
         tracing::info!("Stopped.");
     }
     result
+}
+
+async fn status(args: &StatusArgs) -> Result<(), Error> {
+    let config = load_quiet(&args.config)?;
+    perfagg::status::run(&config, args.json).await
+}
+
+async fn reset(args: &ResetCommand) -> Result<(), Error> {
+    let config = load_quiet(&args.config)?;
+    let reset_args = ResetArgs {
+        since: args.since.clone(),
+        rescan: args.rescan,
+        to_now: args.to_now,
+        rebuild: args.rebuild,
+        yes: args.yes,
+    };
+    perfagg::reset::request::run(&config, &reset_args).await
+}
+
+/// Loads the configuration for a one-shot command, whose log shows only warnings and errors
+/// unless PERFAGG_LOG asks for more.
+fn load_quiet(args: &ConfigArgs) -> Result<Config, Error> {
+    let mut environment = Environment::from_process();
+    environment.log.get_or_insert_with(|| "warn".to_string());
+    let config = Config::load(args.config.as_deref(), &environment)?;
+    logging::init(&config.log);
+    Ok(config)
 }
 
 async fn check_config(args: &ConfigArgs) -> Result<(), Error> {

@@ -313,7 +313,9 @@ fn two_decimal_percent(part: i64, total: i64) -> f64 {
     hundredths as f64 / 100.0
 }
 
-const OWNED_FIELDS: [&str; 11] = [
+/// Fields that merges write, as dotted paths; `updated_at` changes with every merge too. A
+/// rebuild clears exactly these and `updated_at`.
+pub const OWNED_FIELDS: [&str; 11] = [
     "metrics.sct",
     "metrics.cases",
     "metrics.satisfaction",

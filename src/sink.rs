@@ -79,7 +79,8 @@ pub struct BatchOutcome {
 }
 
 impl BatchOutcome {
-    fn add(&mut self, other: BatchOutcome) {
+    /// Adds the counts of another commit.
+    pub fn add(&mut self, other: BatchOutcome) {
         self.events += other.events;
         self.merged += other.merged;
         self.rejected += other.rejected;
@@ -176,10 +177,29 @@ impl<'a> Sink<'a> {
     ///
     /// [`Error::Mongo`] when the transaction keeps failing after its retries; nothing of the
     /// failed part is committed, and the stored position still covers what was.
+    /// [`Error::LeaseLost`] and [`Error::ResetRequested`] when the state fence fails.
     pub async fn commit(
         &self,
         changes: &[Change],
         position: &Position,
+    ) -> Result<BatchOutcome, Error> {
+        self.commit_batch(changes, Some(position)).await
+    }
+
+    /// Merges staging documents read by a rescan. The stored position stays where the
+    /// rescan began; only the lease epoch fences these commits.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Sink::commit`].
+    pub async fn commit_rescan(&self, changes: &[Change]) -> Result<BatchOutcome, Error> {
+        self.commit_batch(changes, None).await
+    }
+
+    async fn commit_batch(
+        &self,
+        changes: &[Change],
+        position: Option<&Position>,
     ) -> Result<BatchOutcome, Error> {
         let mut session = self
             .client
@@ -192,9 +212,13 @@ impl<'a> Sink<'a> {
         // two halves; each half stores the position after its own last event, so the
         // stored position never passes an event that is not yet committed.
         let mut total = BatchOutcome::default();
-        let mut pending: Vec<(Vec<Planned<'_>>, Position)> = vec![(plan, position.clone())];
+        let mut pending: Vec<(Vec<Planned<'_>>, Option<Position>)> =
+            vec![(plan, position.cloned())];
         while let Some((part, part_position)) = pending.pop() {
-            match self.commit_part(&mut session, &part, &part_position).await {
+            match self
+                .commit_part(&mut session, &part, part_position.as_ref())
+                .await
+            {
                 Ok(outcome) => total.add(outcome),
                 Err(Error::Refused {
                     namespace,
@@ -203,7 +227,9 @@ impl<'a> Sink<'a> {
                 }) => {
                     if part.len() > 1 {
                         let middle = part.len() / 2;
-                        let first_position = part[middle - 1].change().position.clone();
+                        let first_position = part_position
+                            .as_ref()
+                            .map(|_| part[middle - 1].change().position.clone());
                         let (first, second) = part.split_at(middle);
                         warn!(
                             events = part.len(),
@@ -234,6 +260,18 @@ impl<'a> Sink<'a> {
         self.commit(&[], position).await.map(|_| ())
     }
 
+    /// Starts a session for work outside the batch path, such as finishing a reset.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Mongo`] when no server is available.
+    pub async fn start_session(&self) -> Result<ClientSession, Error> {
+        self.client
+            .start_session()
+            .await
+            .map_err(Error::mongo(Action::Transaction))
+    }
+
     fn plan<'c>(&self, changes: &'c [Change]) -> Vec<Planned<'c>> {
         let decoder = Decoder::new(self.config);
         changes
@@ -260,7 +298,7 @@ impl<'a> Sink<'a> {
         &self,
         session: &mut ClientSession,
         plan: &[Planned<'_>],
-        position: &Position,
+        position: Option<&Position>,
     ) -> Result<BatchOutcome, Error> {
         let started = Instant::now();
         let mut backoff = Backoff::transaction();
@@ -295,7 +333,8 @@ impl<'a> Sink<'a> {
                             skipped = outcome.skipped,
                             targets = outcome.targets,
                             created = outcome.created,
-                            position = position.describe(),
+                            position =
+                                position.map_or_else(|| "rescan".to_string(), Position::describe),
                             elapsed_ms = started.elapsed().as_millis() as u64,
                             "Committed batch."
                         );
@@ -344,7 +383,7 @@ impl<'a> Sink<'a> {
         &self,
         session: &mut ClientSession,
         plan: &[Planned<'_>],
-        position: &Position,
+        position: Option<&Position>,
     ) -> Result<(BatchOutcome, Vec<EventLog>), Error> {
         let now = DateTime::now();
         let rules = Rules {

@@ -62,6 +62,8 @@ pub struct Batch {
 pub enum Start {
     /// Just after this stored resume token.
     After(Document),
+    /// At this cluster time, including events at exactly that time.
+    AtTime(Timestamp),
     /// At the current time.
     Now,
 }
@@ -103,8 +105,10 @@ impl ChangeSource {
             .pipeline(pipeline)
             .full_document(FullDocumentType::UpdateLookup)
             .max_await_time(MAX_AWAIT.min(config.batch.max_wait.max(Duration::from_millis(100))));
-        if let Start::After(token) = start {
-            watch = watch.start_after(to_resume_token(token)?);
+        match start {
+            Start::After(token) => watch = watch.start_after(to_resume_token(token)?),
+            Start::AtTime(time) => watch = watch.start_at_operation_time(*time),
+            Start::Now => {}
         }
         let stream = watch
             .await

@@ -10,3 +10,4 @@ mod support;
 mod harness;
 mod lifecycle;
 mod merge;
+mod reset;
