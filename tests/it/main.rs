@@ -10,4 +10,6 @@ mod support;
 mod harness;
 mod lifecycle;
 mod merge;
+mod n8n_kit;
 mod reset;
+mod retries;
