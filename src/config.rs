@@ -42,7 +42,7 @@ pub const ENV_LOG_FORMAT: &str = "PERFAGG_LOG_FORMAT";
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Where the settings came from, for messages: a file path or "built-in defaults".
+    /// Origin of the settings, for messages: a file path or "built-in defaults".
     pub origin: String,
     pub mongodb: MongoSettings,
     pub collections: Collections,
@@ -82,7 +82,7 @@ pub struct MergeSettings {
     pub min_date: NaiveDate,
 }
 
-/// What to do with a staging document that has no date.
+/// Handling of a staging document that has no date.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MissingDate {
@@ -94,9 +94,9 @@ pub enum MissingDate {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchSettings {
-    /// Most change events merged in one transaction.
+    /// Maximum number of change events merged in one transaction.
     pub max_events: usize,
-    /// Longest time a batch stays open after its first change event arrives.
+    /// Maximum time a batch stays open after its first change event arrives.
     pub max_wait: Duration,
 }
 
@@ -109,8 +109,8 @@ pub struct StateSettings {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeaseSettings {
-    /// How long a lease lasts without renewal; the holder renews it every third of this, and
-    /// a standby takes over this long after the holder stopped renewing.
+    /// How long a lease lasts without renewal. The holder renews it every third of this time,
+    /// and a standby takes over this long after the holder stopped renewing.
     pub ttl: Duration,
 }
 

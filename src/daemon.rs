@@ -25,12 +25,12 @@ use crate::sink::{BatchOutcome, Sink};
 use crate::state::{Position, Resume, StateStore, Stored};
 use crate::stream::{token_cluster_time, ChangeSource, Start};
 
-/// Longest pause between two looks at the lease while standing by.
+/// Maximum pause between two looks at the lease while standing by.
 const STANDBY_POLL_MAX: Duration = Duration::from_secs(1);
 /// How often the running pipeline looks for a reset request between batches.
 const RESET_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Counters of the running daemon, shared with whoever observes its progress.
+/// Counters of the running daemon, shared with observers such as a metrics exporter.
 #[derive(Debug, Default)]
 pub struct Progress {
     pub batches: AtomicU64,
@@ -121,8 +121,8 @@ struct Pipeline<'a> {
     position: Position,
 }
 
-/// One life of the pipeline, from connecting to the first error, the loss of the lease or
-/// shutdown.
+/// Runs one life of the pipeline, from connecting to the first error, the loss of the lease
+/// or shutdown.
 async fn run_pipeline(
     config: &Config,
     owner: &Owner,
@@ -130,7 +130,7 @@ async fn run_pipeline(
     progress: &Progress,
     backoff: &mut Backoff,
 ) -> Result<(), Error> {
-    // Start-up holds nothing that must finish, so shutdown may interrupt it anywhere.
+    // Nothing in start-up must finish, so shutdown may interrupt it anywhere.
     let pipeline = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
         pipeline = start_pipeline(config, owner) => pipeline?,
@@ -262,6 +262,10 @@ async fn start_pipeline<'a>(config: &'a Config, owner: &Owner) -> Result<Pipelin
         lost: CancellationToken::new(),
     };
     let sink = Sink::new(config, &client, state);
+    // A later holder ends this session if this process dies inside a transaction.
+    lease
+        .record_session(epoch, &sink.open_session().await?)
+        .await?;
 
     // Pending resets run first, before the stored position is read, because they replace it.
     while let Some(request) = sink.state().pending_reset().await? {
@@ -351,8 +355,8 @@ async fn wait_for_lease(lease: &Lease, config: &Config) -> Result<i64, Error> {
 }
 
 /// Opens the stream after `position`. When the server cannot resume it and the configured
-/// staging collections differ from those stored with the position, says so instead of
-/// reporting a bare lost position.
+/// staging collections differ from those stored with the position, returns
+/// [`Error::WatchChanged`] with both instead of a bare lost position.
 async fn open_after(
     db: &Database,
     config: &Config,
@@ -398,7 +402,7 @@ async fn release(lease: &Lease, held: &Held) {
     }
 }
 
-/// The position a freshly opened stream starts at.
+/// Returns the position a freshly opened stream starts at.
 fn current_position(source: &ChangeSource, state: &StateStore) -> Result<Position, Error> {
     let resume_token = source.resume_token().ok_or_else(|| Error::InvalidState {
         namespace: state.namespace(),

@@ -1,6 +1,6 @@
 //! Decoding of staging documents into merge records. A staging document is either decoded
-//! completely or rejected with every reason found, never half-read; the reasons go to the
-//! rejects collection, so they name the field as it appears in the document and the fix.
+//! completely or rejected with every reason found, never half-read. The reasons go to the
+//! rejects collection, so each names the field as it appears in the document and the fix.
 
 mod date;
 mod number;
@@ -14,7 +14,7 @@ use crate::merge::{Key, MetricsRecord, Percentages, Record, SurveyRecord};
 
 pub use date::{day_of_millis, ACCEPTED_FORMS};
 
-/// Which staging collection a change event belongs to.
+/// Staging collection of a change event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
     Metrics,
@@ -22,7 +22,7 @@ pub enum Source {
 }
 
 impl Source {
-    /// The data type logged for events of this source.
+    /// Returns the data type logged for events of this source.
     pub fn data_type(self) -> &'static str {
         match self {
             Source::Metrics => "metrics",
@@ -47,7 +47,7 @@ pub struct Context {
 }
 
 impl Context {
-    /// The context for decoding now, for an event written at `event_time`.
+    /// Returns the context for decoding now an event written at `event_time`.
     pub fn now(timezone: Tz, event_time: Option<DateTime<Utc>>) -> Context {
         Context {
             today: Utc::now().with_timezone(&timezone).date_naive(),
@@ -327,7 +327,7 @@ fn entity_type(value: &Bson) -> Result<String, String> {
     Ok(trimmed)
 }
 
-/// An array copied to the target, after checking it holds no NaN or infinity.
+/// Reads an array for the target, after checking it contains no NaN or infinity.
 fn array(value: &Bson) -> Result<Vec<Bson>, String> {
     let Bson::Array(items) = value else {
         return Err(format!("{} is not an array", number::describe(value)));
@@ -336,7 +336,7 @@ fn array(value: &Bson) -> Result<Vec<Bson>, String> {
     Ok(items.clone())
 }
 
-/// A document copied to the target, after checking it holds no NaN or infinity.
+/// Reads a document for the target, after checking it contains no NaN or infinity.
 fn document(value: &Bson) -> Result<Document, String> {
     let Bson::Document(inner) = value else {
         return Err(format!("{} is not a document", number::describe(value)));

@@ -22,7 +22,7 @@ use crate::error::{describe, Action, Error};
 /// `_id` of the lease document in the state collection.
 pub const LEASE_ID: &str = "lease";
 
-/// Who this process is, written into the lease so operators see which host holds it.
+/// Identity of this process, written into the lease so operators see which host has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     /// `host:pid:random`, unique per process start.
@@ -32,7 +32,7 @@ pub struct Owner {
 }
 
 impl Owner {
-    /// The owner identity of this process.
+    /// Returns the owner identity of this process.
     pub fn of_this_process() -> Owner {
         let host = hostname::get()
             .map(|name| name.to_string_lossy().into_owned())
@@ -53,6 +53,8 @@ pub struct LeaseView {
     pub owner: String,
     pub epoch: i64,
     pub expires_at: Option<DateTime>,
+    /// Id (`lsid`) of the merge session that the last holder recorded, if any.
+    pub session: Option<Document>,
 }
 
 /// A held lease: its epoch fences this holder's commits.
@@ -133,8 +135,60 @@ impl Lease {
             return Ok(None);
         }
         match self.read().await? {
-            Some(view) if view.owner == self.owner.id => Ok(Some(view.epoch)),
+            Some(view) if view.owner == self.owner.id => {
+                if let Some(session) = &view.session {
+                    self.end_session(session).await;
+                }
+                Ok(Some(view.epoch))
+            }
             _ => Ok(None),
+        }
+    }
+
+    /// Records the holder's merge session, so that whoever takes the lease over can end it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::LeaseLost`] when another owner or epoch holds the lease, and
+    /// [`Error::Mongo`] when the write fails.
+    pub async fn record_session(&self, epoch: i64, session: &Document) -> Result<(), Error> {
+        let result = self
+            .coll
+            .update_one(
+                doc! { "_id": LEASE_ID, "owner": &self.owner.id, "epoch": epoch },
+                doc! { "$set": { "session": session.clone() } },
+            )
+            .write_concern(WriteConcern::majority())
+            .await
+            .map_err(Error::mongo(Action::Lease))?;
+        if result.matched_count == 0 {
+            return Err(Error::LeaseLost { epoch });
+        }
+        Ok(())
+    }
+
+    /// Ends the merge session of the previous holder with `killSessions`, which aborts its
+    /// open transaction. A holder that died inside a transaction leaves it open, with the
+    /// target and stream documents it wrote locked, until the server's
+    /// `transactionLifetimeLimitSeconds` (60 s by default) expires it; until then the new
+    /// holder's claim and merges would wait. A failure is only logged: the server still
+    /// expires the transaction in time.
+    async fn end_session(&self, session: &Document) {
+        let admin = self.coll.client().database("admin");
+        let ended = admin
+            .run_command(doc! { "killSessions": [session.clone()] })
+            .await;
+        match ended {
+            Ok(_) => info!(
+                session = %session,
+                "Ended the previous holder's merge session, aborting its open transaction if it had one."
+            ),
+            Err(error) => warn!(
+                session = %session,
+                error = describe(&error),
+                "Ending the previous holder's merge session failed; its open transaction, if any, \
+                 blocks merges until the server aborts it (transactionLifetimeLimitSeconds)."
+            ),
         }
     }
 
@@ -273,5 +327,6 @@ pub async fn read_lease(coll: &Collection<Document>) -> Result<Option<LeaseView>
             _ => 0,
         },
         expires_at: document.get_datetime("expires_at").ok().copied(),
+        session: document.get_document("session").ok().cloned(),
     }))
 }

@@ -1,6 +1,8 @@
 //! Log output: `tracing` events to standard error, as text for people or JSON lines for log
 //! collectors, filtered by `PERFAGG_LOG` or `[log] level`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
@@ -12,6 +14,7 @@ pub fn init(settings: &LogSettings) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let result = match settings.format {
         LogFormat::Text => builder.try_init(),

@@ -4,8 +4,8 @@
 //! none of it does, so a crash anywhere repeats at most an uncommitted batch.
 //!
 //! A write that the server refuses for one document (one beyond the 16 MiB limit, say) would
-//! fail the batch forever, so the batch is split in halves until the failing event stands
-//! alone, and that event is rejected with the server's reason.
+//! fail the batch forever. So the batch is split in halves until the failing event is alone,
+//! and that event is rejected with the server's reason.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -26,16 +26,16 @@ use crate::stream::{Change, Operation};
 /// Most bytes of statements sent in one `update` command, well below the 16 MiB + 16 KiB
 /// that a command may carry.
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
-/// Most statements in one `update` command (the server's `maxWriteBatchSize`).
+/// Maximum number of statements in one `update` command (the server's `maxWriteBatchSize`).
 const MAX_COMMAND_STATEMENTS: usize = 100_000;
-/// Most keys in one `$or` lookup of target documents.
+/// Maximum number of keys in one `$or` lookup of target documents.
 const MAX_LOOKUP_KEYS: usize = 1_000;
 /// Name of the unique index on the target's key.
 const TARGET_INDEX: &str = "perfagg_entity_day";
 /// Name of the unique index on the rejects' staging document.
 const REJECTS_INDEX: &str = "perfagg_staging_document";
 
-/// What the sink does with one change event.
+/// Plan of the sink for one change event.
 #[derive(Debug, Clone)]
 enum Planned<'c> {
     Merge {
@@ -93,7 +93,8 @@ impl BatchOutcome {
 /// A per-event log line, emitted only after its transaction committed so a retried attempt
 /// does not log twice.
 struct EventLog {
-    source: &'static str,
+    collection: String,
+    data_type: &'static str,
     staging_id: Bson,
     key: String,
     existed: bool,
@@ -108,6 +109,9 @@ pub struct Sink<'a> {
     db: Database,
     target: Collection<Document>,
     state: StateStore,
+    /// The one session that runs every merge transaction of this sink, so that its id can
+    /// be recorded in the lease; started by [`Sink::open_session`] or by the first commit.
+    session: tokio::sync::Mutex<Option<ClientSession>>,
 }
 
 impl<'a> Sink<'a> {
@@ -119,7 +123,20 @@ impl<'a> Sink<'a> {
             target: db.collection(&config.collections.target),
             db,
             state,
+            session: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Starts the session that runs this sink's transactions, and returns its id (`lsid`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Mongo`] when the driver cannot start a session.
+    pub async fn open_session(&self) -> Result<Document, Error> {
+        let session = self.start_session().await?;
+        let id = session.id().clone();
+        *self.session.lock().await = Some(session);
+        Ok(id)
     }
 
     /// The state store that every commit writes the position through.
@@ -201,22 +218,22 @@ impl<'a> Sink<'a> {
         changes: &[Change],
         position: Option<&Position>,
     ) -> Result<BatchOutcome, Error> {
-        let mut session = self
-            .client
-            .start_session()
-            .await
-            .map_err(Error::mongo(Action::Transaction))?;
+        let mut guard = self.session.lock().await;
+        let session = match guard.as_mut() {
+            Some(session) => session,
+            None => guard.insert(self.start_session().await?),
+        };
         let plan = self.plan(changes);
 
         // Work items are (plan slice, position to store). A refused slice is replaced by its
-        // two halves; each half stores the position after its own last event, so the
-        // stored position never passes an event that is not yet committed.
+        // two halves. Each half stores the position after its own last event, so the stored
+        // position never passes an event that is not yet committed.
         let mut total = BatchOutcome::default();
         let mut pending: Vec<(Vec<Planned<'_>>, Option<Position>)> =
             vec![(plan, position.cloned())];
         while let Some((part, part_position)) = pending.pop() {
             match self
-                .commit_part(&mut session, &part, part_position.as_ref())
+                .commit_part(session, &part, part_position.as_ref())
                 .await
             {
                 Ok(outcome) => total.add(outcome),
@@ -429,7 +446,8 @@ impl<'a> Sink<'a> {
                         written.push(key.clone());
                     }
                     logs.push(EventLog {
-                        source: change.source.data_type(),
+                        collection: change.collection.clone(),
+                        data_type: change.source.data_type(),
                         staging_id: change.staging_id.clone(),
                         key: key.to_string(),
                         existed: merged.existed,
@@ -694,7 +712,7 @@ fn document_size(document: &Document) -> usize {
     }
 }
 
-/// One line describing a merged target: key, sct, cases, satisfaction and survey counts.
+/// Describes a merged target in one line: sct, cases, satisfaction and survey counts.
 fn summarize(document: &Document) -> String {
     let metrics = document.get_document("metrics").ok();
     let field = |name: &str| {
@@ -725,7 +743,8 @@ fn summarize(document: &Document) -> String {
 fn emit_logs(logs: Vec<EventLog>) {
     for log in logs {
         debug!(
-            source = log.source,
+            source = log.collection,
+            data_type = log.data_type,
             staging_id = %log.staging_id,
             key = log.key,
             existed = log.existed,

@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::error::{Action, Error};
 use crate::retry::{self, Failure};
 
-/// `_id` of the state document that holds the stream position.
+/// `_id` of the state document that contains the stream position.
 pub const STREAM_STATE_ID: &str = "stream";
 /// Value of `kind` in reset request documents.
 const RESET_KIND: &str = "reset";
@@ -60,7 +60,7 @@ pub fn timestamp_text(time: Timestamp) -> String {
     format!("{}.{} ({wall})", time.time, time.increment)
 }
 
-/// Where the next change stream starts.
+/// Starting point of the next change stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
     /// Just after a stored resume token.
@@ -86,7 +86,7 @@ pub struct Stored {
     pub watch: Option<Document>,
 }
 
-/// What a reset does.
+/// Kind of reset.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ResetMode {
     /// Replay the change stream from a cluster time.
@@ -101,7 +101,7 @@ pub enum ResetMode {
 }
 
 impl ResetMode {
-    /// The name stored in the request document and shown by `status`.
+    /// Returns the name stored in the request document and shown by `status`.
     pub fn name(&self) -> &'static str {
         match self {
             ResetMode::Since(_) => "since",
@@ -117,7 +117,7 @@ impl ResetMode {
 pub struct ResetRequest {
     pub id: ObjectId,
     pub mode: ResetMode,
-    /// `user@host` of whoever ran `perfagg reset`.
+    /// `user@host` of the user who ran `perfagg reset`.
     pub requested_by: String,
     pub requested_at: DateTime,
 }
@@ -233,8 +233,8 @@ impl StateStore {
             .await;
         match result {
             Ok(_) => Ok(()),
-            // The filter did not match, so the upsert collided with the existing document:
-            // a newer epoch holds it.
+            // The filter did not match, so the upsert collided with the existing document,
+            // which a newer epoch has claimed.
             Err(error) if retry::classify(&error) == Failure::DuplicateKey => {
                 Err(Error::LeaseLost { epoch })
             }
@@ -509,7 +509,7 @@ impl StateStore {
         Ok(())
     }
 
-    /// The condition every position write needs: this epoch, and no reset pending.
+    /// Returns the condition of every position write: this epoch, and no reset pending.
     fn fence(&self, epoch: i64) -> Document {
         doc! { "_id": STREAM_STATE_ID, "epoch": epoch, "reset_pending": { "$exists": false } }
     }

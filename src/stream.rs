@@ -21,11 +21,11 @@ use crate::decode::Source;
 use crate::error::{Action, Error};
 use crate::state::Position;
 
-/// Longest time one `getMore` waits on the server for new events, so the loop regains
+/// Maximum time one `getMore` waits on the server for new events, so the loop regains
 /// control often enough to write idle checkpoints.
 const MAX_AWAIT: Duration = Duration::from_secs(1);
 
-/// What a change event asks of the merge.
+/// Effect of a change event on the merge.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Operation {
     /// Insert, update or replace: merge the staging document as it is now. `None` when an
@@ -48,7 +48,7 @@ pub struct Change {
     pub wall_time: Option<DateTime<Utc>>,
 }
 
-/// What the stream produced for one batch.
+/// Output of the stream for one batch.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub changes: Vec<Change>,
@@ -57,7 +57,7 @@ pub struct Batch {
     pub invalidated: Option<Position>,
 }
 
-/// Where to open the stream.
+/// Starting point of a new stream.
 #[derive(Debug, Clone)]
 pub enum Start {
     /// Just after this stored resume token.

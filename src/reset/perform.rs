@@ -1,8 +1,8 @@
-//! Carrying out a reset request inside the daemon. The daemon holds the lease and has
-//! claimed the stream document, so nothing else commits meanwhile. Each reset ends with one
-//! transaction that stores where the stream continues and marks the request done; until
-//! then the request stays pending, so a crash in the middle repeats the whole reset, which
-//! is safe because merges replace each source's values.
+//! Carrying out a reset request inside the daemon. The daemon has the lease and has claimed
+//! the stream document, so nothing else commits meanwhile. Each reset ends with one
+//! transaction that stores where the stream continues and marks the request done. Until then
+//! the request stays pending, so a crash in the middle repeats the whole reset. That is safe
+//! because merges replace each source's values.
 
 use chrono::{DateTime, NaiveDate, Utc};
 use futures::TryStreamExt;
@@ -68,8 +68,8 @@ pub async fn perform(
     Ok(resume)
 }
 
-/// The position of a stream opened now. Everything written after it is replayed by the
-/// stream that continues from it, so a rescan that starts after taking it misses nothing.
+/// Returns the position of a stream opened now. The stream that continues from it replays
+/// everything written after it, so a rescan that starts after taking it misses nothing.
 async fn current_position(db: &Database, config: &Config) -> Result<Position, Error> {
     let source = ChangeSource::open(db, config, &Start::Now).await?;
     let resume_token = source.resume_token().ok_or_else(|| Error::InvalidState {
@@ -138,8 +138,8 @@ async fn rescan(
     Ok(total)
 }
 
-/// A change standing for a staging document found by a rescan. Its wall time is the
-/// creation time in its ObjectId, used for `missing_date = "event_day"`.
+/// Builds the change for a staging document found by a rescan. Its wall time is the creation
+/// time in its ObjectId, used for `missing_date = "event_day"`.
 fn rescan_change(source: Source, collection: &str, document: Document, start: &Position) -> Change {
     let staging_id = document.get("_id").cloned().unwrap_or(Bson::Null);
     let wall_time: Option<DateTime<Utc>> = match &staging_id {
@@ -156,8 +156,8 @@ fn rescan_change(source: Source, collection: &str, document: Document, start: &P
     }
 }
 
-/// Whether a rescan with `since` leaves this change out: only valid documents dated before
-/// the day are skipped; invalid ones are rejected again.
+/// Returns whether a rescan with `since` leaves this change out. Only valid documents dated
+/// before the day are skipped, and invalid ones are rejected again.
 fn is_before(
     decoder: &Decoder<'_>,
     change: &Change,

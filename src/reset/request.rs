@@ -15,7 +15,7 @@ use crate::deployment;
 use crate::error::{Action, Error};
 use crate::state::{timestamp_text, ResetMode, ResetRequest, Resume, StateStore};
 
-/// What the operator asked for on the command line.
+/// Reset flags from the command line.
 #[derive(Debug, Clone, Default)]
 pub struct ResetArgs {
     /// `--since`: a time to replay from, or with `--rescan` the first day to rescan.
@@ -240,7 +240,7 @@ async fn describe_plan(db: &Database, config: &Config, mode: &ResetMode) -> Resu
     Ok(text)
 }
 
-/// The 12 bytes of the smallest ObjectId created at `seconds`.
+/// Returns the 12 bytes of the smallest ObjectId created at `seconds`.
 fn object_id_prefix(seconds: u32) -> [u8; 12] {
     let mut bytes = [0_u8; 12];
     bytes[..4].copy_from_slice(&seconds.to_be_bytes());
