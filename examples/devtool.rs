@@ -28,11 +28,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Exit with 0 if a server answers `ping` at URI, 1 otherwise.
+    /// Exit with 0 if a server replies to `ping` at URI, 1 otherwise.
     Ping {
         #[arg(long)]
         uri: String,
-        /// How long to wait for an answer, in seconds.
+        /// How long to wait for a reply, in seconds.
         #[arg(long, default_value_t = 5)]
         timeout_secs: u64,
     },

@@ -168,7 +168,7 @@ async fn killed_member_restarts_with_data() {
     .await;
 }
 
-/// A standalone server answers `hello` as a writable primary without a replica set name,
+/// A standalone server replies to `hello` as a writable primary without a replica set name,
 /// which is how perfagg recognizes a deployment without change streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_has_no_set_name() {
@@ -200,7 +200,7 @@ fn unique_database_names_are_short_and_distinct() {
     );
 }
 
-/// The daemon helper starts perfagg on the shared set, sees "Ready." in its JSON log, and
+/// The daemon helper starts perfagg on the shared set, finds "Ready." in its JSON log, and
 /// gets exit code 0 after SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_helper_starts_and_terminates() {

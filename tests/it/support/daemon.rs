@@ -3,7 +3,7 @@
 //!
 //! Children get a clean environment as far as perfagg is concerned: every inherited
 //! `PERFAGG_*` variable is removed, so a developer's shell settings cannot change a test.
-//! The daemon logs JSON at debug level into a file in its scratch folder; when a test panics
+//! The daemon logs JSON at debug level into a file in its scratch folder. When a test panics
 //! while a [`Daemon`] is alive, the end of that log goes to stderr and the folder is kept.
 
 use std::ffi::OsString;
@@ -46,8 +46,8 @@ pub struct DaemonBuilder {
 }
 
 impl DaemonBuilder {
-    /// Sets the config file contents; `[mongodb] uri` and `database` are filled in from the
-    /// builder and override what the TOML says.
+    /// Sets the config file contents. The builder's `[mongodb] uri` and `database` replace
+    /// any values the TOML sets for them.
     pub fn config(mut self, toml: &str) -> Self {
         self.config = toml.to_string();
         self
@@ -130,7 +130,7 @@ fn complete_config(toml: &str, uri: &str, database: &str) -> String {
     toml::to_string(&table).expect("a parsed TOML table renders again")
 }
 
-/// A `Command` for the perfagg binary without any inherited `PERFAGG_*` variable.
+/// Builds a `Command` for the perfagg binary without any inherited `PERFAGG_*` variable.
 fn perfagg_command() -> Command {
     let mut command = Command::new(PERFAGG);
     for (key, _) in std::env::vars_os() {

@@ -22,9 +22,8 @@ use super::process::{
 /// Environment variable that names the mongod binary for the tests.
 pub const MONGOD_ENV: &str = "PERFAGG_TEST_MONGOD";
 
-/// How long a starting mongod may take to accept TCP connections. Startup takes well under
-/// a second on an idle machine; recovery after `SIGKILL` and a busy 2-core CI machine take
-/// longer.
+/// How long a starting mongod may take to accept TCP connections, with room for recovery
+/// after `SIGKILL` on a busy 2-core CI machine.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a clean shutdown after `SIGTERM` may take before the test fails.
@@ -252,9 +251,9 @@ impl Mongod {
             "--logpath".into(),
             self.log_path().into(),
             "--logappend".into(),
-            // Sockets in /tmp would outlive a killed server and collide between runs.
+            // The harness connects over TCP only, so no socket files are left in /tmp.
             "--nounixsocket".into(),
-            // Many servers share a 2-core, 24 GiB machine; the default cache is half of RAM.
+            // Many servers share one machine, and the default cache is half of (RAM - 1 GB).
             "--wiredTigerCacheSizeGB".into(),
             "0.25".into(),
             // Enables the failCommand fail point that fault tests use to inject errors.

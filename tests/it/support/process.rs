@@ -3,9 +3,9 @@
 //! Every child that the harness starts (mongod, the perfagg daemon, one-shot CLI runs) is
 //! spawned by one thread that lives as long as the process and set up with
 //! `prctl(PR_SET_PDEATHSIG, SIGKILL)`. Linux sends that signal when the *thread* that forked
-//! the child exits, so a test thread that ends, panics or is torn down cannot kill a server
-//! that another test still uses, and a test binary that dies in any way, `SIGKILL` included,
-//! takes every child with it. Scratch folders live under `target/perfagg-test/`, named after
+//! the child exits, so a test thread that ends or panics cannot kill a server that another
+//! test still uses. A test binary that dies in any way, `SIGKILL` included, takes every
+//! child with it. Scratch folders live under `target/perfagg-test/`, named after
 //! the pid of the test process, so a later run removes the folders of runs that died.
 
 use std::fs;
@@ -134,7 +134,7 @@ pub fn file_tail(path: &Path, count: usize) -> String {
     }
 }
 
-/// The folder that holds every scratch folder of the harness: `target/perfagg-test/`.
+/// The folder that contains every scratch folder of the harness: `target/perfagg-test/`.
 pub fn harness_root() -> PathBuf {
     let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let target = target_tmp.parent().unwrap_or(target_tmp);
@@ -181,8 +181,8 @@ fn remove_stale_dirs(root: &Path) {
     }
 }
 
-/// Removes a scratch folder when the current thread is not panicking, and otherwise keeps
-/// it and says where it is, so the data and logs of a failed test can be read.
+/// Removes a scratch folder when the current thread is not panicking. Otherwise it keeps
+/// the folder and prints its path, so the data and logs of a failed test can be read.
 pub fn remove_scratch_dir_unless_panicking(dir: &Path) {
     if std::thread::panicking() {
         eprintln!("kept {} for inspection", dir.display());
