@@ -5,11 +5,12 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Document};
 use mongodb::{Collection, Database};
 
 use crate::support::{
-    run_cli, scratch_dir, shared_replica_set, unique_database, wait_until, Daemon, Standalone,
+    self, committed_totals, run_cli, scratch_dir, shared_replica_set, unique_database, Daemon,
+    Standalone,
 };
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -20,23 +21,12 @@ fn metrics_doc(name: &str, cases: i32) -> Document {
     doc! { "entity_name": name, "entity_type": "dpe", "date": "2025-09-25", "sct": 1.5, "cases": cases }
 }
 
-/// Returns `totals.events` of the state document, 0 when there is none.
 async fn committed_events(db: &Database) -> i64 {
-    let state = db.collection::<Document>("perfagg_state");
-    let stored = state.find_one(doc! { "_id": "stream" }).await.unwrap();
-    stored
-        .and_then(|stored| stored.get_document("totals").ok().cloned())
-        .and_then(|totals| totals.get("events").and_then(Bson::as_i64))
-        .unwrap_or(0)
+    committed_totals(db).await.events
 }
 
 async fn wait_committed(db: &Database, events: i64) {
-    wait_until(
-        MERGE_TIMEOUT,
-        &format!("{events} events committed"),
-        || async move { committed_events(db).await >= events },
-    )
-    .await;
+    support::wait_committed(db, events, MERGE_TIMEOUT).await;
 }
 
 async fn targets(db: &Database) -> Vec<Document> {

@@ -7,7 +7,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Decimal128, Document};
 use mongodb::{Collection, Database};
 
-use crate::support::{shared_replica_set, unique_database, wait_for, wait_until, Daemon};
+use crate::support::{shared_replica_set, unique_database, wait_committed, wait_for, Daemon};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const MERGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,23 +71,7 @@ impl Fixture {
 
     /// Waits until the state document has committed `events` change events in total.
     async fn wait_events(&self, events: i64) {
-        let state = self.db.collection::<Document>("perfagg_state");
-        wait_until(MERGE_TIMEOUT, &format!("{events} events committed"), || {
-            let state = state.clone();
-            async move {
-                let Some(stored) = state.find_one(doc! { "_id": "stream" }).await.unwrap() else {
-                    return false;
-                };
-                let committed = stored
-                    .get_document("totals")
-                    .ok()
-                    .and_then(|totals| totals.get("events"))
-                    .and_then(Bson::as_i64)
-                    .unwrap_or(0);
-                committed >= events
-            }
-        })
-        .await;
+        wait_committed(&self.db, events, MERGE_TIMEOUT).await;
     }
 
     async fn all_targets(&self) -> Vec<Document> {

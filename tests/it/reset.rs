@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Document};
 use mongodb::{Collection, Database};
 
 use crate::support::{
-    run_cli, shared_replica_set, unique_database, wait_until, Daemon, DaemonBuilder,
+    run_cli, shared_replica_set, unique_database, wait_committed, wait_until, Daemon, DaemonBuilder,
 };
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -72,25 +72,8 @@ impl Setup {
         assert!(stdout.contains("accepted"), "{stdout}");
     }
 
-    async fn committed_events(&self) -> i64 {
-        let stored = self
-            .coll("perfagg_state")
-            .find_one(doc! { "_id": "stream" })
-            .await
-            .unwrap();
-        stored
-            .and_then(|stored| stored.get_document("totals").ok().cloned())
-            .and_then(|totals| totals.get("events").and_then(Bson::as_i64))
-            .unwrap_or(0)
-    }
-
     async fn wait_committed(&self, events: i64) {
-        wait_until(
-            RESET_TIMEOUT,
-            &format!("{events} events committed"),
-            || async move { self.committed_events().await >= events },
-        )
-        .await;
+        wait_committed(&self.db, events, RESET_TIMEOUT).await;
     }
 
     /// Waits until every reset request is done.

@@ -3,21 +3,16 @@
 
 use std::time::Duration;
 
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Document};
 use mongodb::{Client, Database};
 
-use crate::support::{unique_database, wait_until, Daemon, ReplicaSet};
+use crate::support::{committed_totals, unique_database, wait_committed, Daemon, ReplicaSet};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const MERGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 async fn committed_events(db: &Database) -> i64 {
-    let state = db.collection::<Document>("perfagg_state");
-    let stored = state.find_one(doc! { "_id": "stream" }).await.unwrap();
-    stored
-        .and_then(|stored| stored.get_document("totals").ok().cloned())
-        .and_then(|totals| totals.get("events").and_then(Bson::as_i64))
-        .unwrap_or(0)
+    committed_totals(db).await.events
 }
 
 /// Makes the next `times` `commitTransaction` commands fail as `data` describes.
@@ -40,13 +35,7 @@ async fn insert_and_wait(db: &Database, daemon: &Daemon, names: &[&str]) {
         let document = doc! { "entity_name": *name, "entity_type": "dpe", "date": "2025-09-25", "sct": 1.5, "cases": 2 };
         staging.insert_one(document).await.unwrap();
     }
-    let expected = before + names.len() as i64;
-    wait_until(
-        MERGE_TIMEOUT,
-        &format!("{expected} events committed"),
-        || async move { committed_events(db).await >= expected },
-    )
-    .await;
+    wait_committed(db, before + names.len() as i64, MERGE_TIMEOUT).await;
     assert!(daemon.logs().contains("\"Ready.\""));
 }
 

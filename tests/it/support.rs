@@ -26,6 +26,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::Database;
+
 pub use cluster::{
     command_error_code, connect, shared_replica_set, ReplicaSet, SharedReplicaSet, Standalone,
     REPLICA_SET_NAME,
@@ -88,4 +91,45 @@ where
         }
         tokio::time::sleep(WAIT_INTERVAL).await;
     }
+}
+
+/// Running totals of a database's state document: committed change events, merges and
+/// rejects. A change event committed twice would raise them, a lost one would lower them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub events: i64,
+    pub merged: i64,
+    pub rejected: i64,
+}
+
+/// Reads the totals of the state document in `db`; zeros when there is none yet.
+pub async fn committed_totals(db: &Database) -> Totals {
+    let stored = db
+        .collection::<Document>("perfagg_state")
+        .find_one(doc! { "_id": "stream" })
+        .await
+        .expect("reading the state document failed");
+    let totals = stored
+        .and_then(|stored| stored.get_document("totals").ok().cloned())
+        .unwrap_or_default();
+    let total = |name: &str| totals.get(name).and_then(Bson::as_i64).unwrap_or(0);
+    Totals {
+        events: total("events"),
+        merged: total("merged"),
+        rejected: total("rejected"),
+    }
+}
+
+/// Waits until the state document in `db` counts at least `events` committed change events.
+///
+/// # Panics
+///
+/// Panics when `timeout` passes first.
+pub async fn wait_committed(db: &Database, events: i64, timeout: Duration) {
+    wait_until(
+        timeout,
+        &format!("{events} change events committed"),
+        || async move { committed_totals(db).await.events >= events },
+    )
+    .await;
 }
