@@ -145,7 +145,7 @@ impl Lease {
         }
     }
 
-    /// Records the holder's merge session, so that whoever takes the lease over can end it.
+    /// Records the holder's merge session, so that the next holder can end it.
     ///
     /// # Errors
     ///
@@ -170,9 +170,9 @@ impl Lease {
     /// Ends the merge session of the previous holder with `killSessions`, which aborts its
     /// open transaction. A holder that died inside a transaction leaves it open, with the
     /// target and stream documents it wrote locked, until the server's
-    /// `transactionLifetimeLimitSeconds` (60 s by default) expires it; until then the new
-    /// holder's claim and merges would wait. A failure is only logged: the server still
-    /// expires the transaction in time.
+    /// `transactionLifetimeLimitSeconds` (60 s by default) expires it. Until then the new
+    /// holder's claim and merges would wait. A failure is only logged, because the server
+    /// still expires the transaction in time.
     async fn end_session(&self, session: &Document) {
         let admin = self.coll.client().database("admin");
         let ended = admin

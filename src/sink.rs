@@ -102,6 +102,13 @@ struct EventLog {
     summary: String,
 }
 
+/// A reject's log line, emitted like [`EventLog`] only after its transaction committed.
+struct RejectLog {
+    collection: String,
+    staging_id: Bson,
+    reasons: String,
+}
+
 /// Writes batches of change events into the target collection.
 pub struct Sink<'a> {
     config: &'a Config,
@@ -110,7 +117,7 @@ pub struct Sink<'a> {
     target: Collection<Document>,
     state: StateStore,
     /// The one session that runs every merge transaction of this sink, so that its id can
-    /// be recorded in the lease; started by [`Sink::open_session`] or by the first commit.
+    /// be recorded in the lease. [`Sink::open_session`] or the first commit starts it.
     session: tokio::sync::Mutex<Option<ClientSession>>,
 }
 
@@ -340,8 +347,8 @@ impl<'a> Sink<'a> {
                 }
             };
             let error = match attempt {
-                Ok((outcome, logs)) => {
-                    emit_logs(logs);
+                Ok((outcome, logs, reject_logs)) => {
+                    emit_logs(logs, reject_logs);
                     if outcome.events > 0 {
                         info!(
                             batch_events = outcome.events,
@@ -401,7 +408,7 @@ impl<'a> Sink<'a> {
         session: &mut ClientSession,
         plan: &[Planned<'_>],
         position: Option<&Position>,
-    ) -> Result<(BatchOutcome, Vec<EventLog>), Error> {
+    ) -> Result<(BatchOutcome, Vec<EventLog>, Vec<RejectLog>), Error> {
         let now = DateTime::now();
         let rules = Rules {
             default_satisfaction: self.config.merge.default_satisfaction,
@@ -423,6 +430,7 @@ impl<'a> Sink<'a> {
             ..BatchOutcome::default()
         };
         let mut logs = Vec::new();
+        let mut reject_logs = Vec::new();
         let mut written: Vec<Key> = Vec::new();
         let mut rejects = Vec::new();
         for planned in plan {
@@ -463,12 +471,11 @@ impl<'a> Sink<'a> {
                     keep_document,
                 } => {
                     rejects.push(reject_statement(change, reasons, *keep_document, now));
-                    warn!(
-                        collection = change.collection,
-                        staging_id = %change.staging_id,
-                        reasons = reasons.join("; "),
-                        "Rejected a staging document."
-                    );
+                    reject_logs.push(RejectLog {
+                        collection: change.collection.clone(),
+                        staging_id: change.staging_id.clone(),
+                        reasons: reasons.join("; "),
+                    });
                     outcome.rejected += 1;
                 }
                 Planned::Skip { change } => {
@@ -505,7 +512,7 @@ impl<'a> Sink<'a> {
             rejected: outcome.rejected as u64,
         };
         self.state.store_position(session, position, totals).await?;
-        Ok((outcome, logs))
+        Ok((outcome, logs, reject_logs))
     }
 
     async fn load_targets(
@@ -740,7 +747,15 @@ fn summarize(document: &Document) -> String {
     )
 }
 
-fn emit_logs(logs: Vec<EventLog>) {
+fn emit_logs(logs: Vec<EventLog>, reject_logs: Vec<RejectLog>) {
+    for log in reject_logs {
+        warn!(
+            collection = log.collection,
+            staging_id = %log.staging_id,
+            reasons = log.reasons,
+            "Rejected a staging document."
+        );
+    }
     for log in logs {
         debug!(
             source = log.collection,

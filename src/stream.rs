@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 use crate::config::Config;
 use crate::decode::Source;
 use crate::error::{Action, Error};
-use crate::state::Position;
+use crate::state::{Position, STREAM_STATE_ID};
 
 /// Maximum time one `getMore` waits on the server for new events, so the loop regains
 /// control often enough to write idle checkpoints.
@@ -87,19 +87,38 @@ impl ChangeSource {
         start: &Start,
     ) -> Result<ChangeSource, Error> {
         let collections = &config.collections;
-        // Only staging inserts, updates, replaces and deletes reach the daemon. `invalidate`
-        // is let through because it closes the stream and must be stepped over.
+        let staging = vec![&collections.metrics, &collections.surveys];
+
+        // Only staging inserts, updates, replaces and deletes reach the merge. `invalidate`
+        // is let through because it closes the stream and must be stepped over, and drops
+        // and renames of staging collections so that they are logged.
+        //
+        // The daemon's own claim of the stream document, written just before a resumed
+        // stream opens, is let through too. The server checks a resume token only when it
+        // meets the first event after it that passes this filter. Without such an event, a
+        // token that is unknown, or whose event the filter now excludes, would be reported
+        // only at the next staging change, long after start-up. The claim is that event, so
+        // the check happens while the stream opens, and `parse_change` skips it.
+        // NOTE: the last clause matches the `claimed_at` field that `StateStore::claim`
+        // sets; renaming that field silently moves the check back to the next staging change.
         let pipeline = [doc! {
             "$match": {
                 "$or": [
                     {
-                        "ns.coll": { "$in": [&collections.metrics, &collections.surveys] },
-                        "operationType": { "$in": ["insert", "update", "replace", "delete"] },
+                        "ns.coll": { "$in": staging.clone() },
+                        "operationType": { "$in": ["insert", "update", "replace", "delete", "drop", "rename"] },
                     },
+                    { "to.coll": { "$in": staging }, "operationType": "rename" },
                     { "operationType": "invalidate" },
+                    {
+                        "ns.coll": &collections.state,
+                        "documentKey._id": STREAM_STATE_ID,
+                        "updateDescription.updatedFields.claimed_at": { "$exists": true },
+                    },
                 ]
             }
         }];
+
         let mut watch = db
             .watch()
             .pipeline(pipeline)
@@ -163,9 +182,16 @@ impl ChangeSource {
                 }
                 continue;
             };
-            if event.get_str("operationType") == Ok("invalidate") {
-                batch.invalidated = Some(parse_position(&event)?);
-                break;
+            match event.get_str("operationType") {
+                Ok("invalidate") => {
+                    batch.invalidated = Some(parse_position(&event)?);
+                    break;
+                }
+                Ok("drop" | "rename") => {
+                    self.log_collection_change(&event);
+                    continue;
+                }
+                _ => {}
             }
             match self.parse_change(event)? {
                 Some(change) => {
@@ -181,6 +207,35 @@ impl ChangeSource {
     /// Whether the server closed the stream (after an invalidate event).
     pub fn is_alive(&self) -> bool {
         self.stream.is_alive()
+    }
+
+    /// Logs the drop or rename of a staging collection. Nothing merged changes: the stream
+    /// goes on, and documents inserted under a configured staging name later are merged.
+    fn log_collection_change(&self, event: &Document) {
+        let name_in = |field: &str| {
+            event
+                .get_document(field)
+                .ok()
+                .and_then(|namespace| namespace.get_str("coll").ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let collection = name_in("ns");
+        if event.get_str("operationType") == Ok("drop") {
+            warn!(collection, "A staging collection was dropped.");
+        } else if collection == self.metrics || collection == self.surveys {
+            warn!(
+                collection,
+                to = name_in("to"),
+                "A staging collection was renamed."
+            );
+        } else {
+            warn!(
+                collection,
+                to = name_in("to"),
+                "A collection was renamed to a staging collection name; only its later changes are merged."
+            );
+        }
     }
 
     fn parse_change(&self, event: Document) -> Result<Option<Change>, Error> {

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod faults;
 mod harness;
 mod lifecycle;
 mod merge;

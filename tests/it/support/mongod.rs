@@ -262,6 +262,11 @@ impl Mongod {
             // Full-time diagnostic data capture only costs CPU and disk here.
             "--setParameter".into(),
             "diagnosticDataCollectionEnabled=false".into(),
+            // The TTL monitor removes expired documents every second instead of every 60, so
+            // a test of TTL-removed staging documents does not wait a minute. The server
+            // reads a new value only after its current sleep, so it must be set at start-up.
+            "--setParameter".into(),
+            "ttlMonitorSleepSecs=1".into(),
         ];
         if let Some(name) = &self.replica_set {
             args.extend([
