@@ -130,10 +130,8 @@ async fn run_pipeline(
     progress: &Progress,
     backoff: &mut Backoff,
 ) -> Result<(), Error> {
-    // Nothing in start-up must finish, so shutdown may interrupt it anywhere.
-    let pipeline = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        pipeline = start_pipeline(config, owner) => pipeline?,
+    let Some(pipeline) = start_pipeline(config, owner, shutdown).await? else {
+        return Ok(());
     };
     let Pipeline {
         db,
@@ -165,6 +163,7 @@ async fn run_pipeline(
         "Ready."
     );
 
+    let outcome = async {
     let mut last_stored = Instant::now();
     let mut last_reset_poll = Instant::now();
     loop {
@@ -237,13 +236,70 @@ async fn run_pipeline(
             last_stored = Instant::now();
         }
     }
+    }
+    .await;
+
+    // A holder that stops for good lets the lease expire at once, so a restart or a standby
+    // need not wait a TTL; a retryable error keeps it for the next pipeline.
+    if let Err(error) = &outcome {
+        if !error.is_retryable() {
+            release(&lease, &held).await;
+        }
+    }
+    outcome
 }
 
-/// Connects, checks the deployment, creates indexes, waits for the lease, claims the stream
-/// document and opens the stream after the stored position, or at the current time on a
-/// first run. A first run stores its starting position before it reports ready, so a change
-/// written between this run and the next start is not skipped.
-async fn start_pipeline<'a>(config: &'a Config, owner: &Owner) -> Result<Pipeline<'a>, Error> {
+/// Connects, checks the deployment, creates indexes, waits for the lease and claims the
+/// stream document, then performs pending resets and opens the stream. Returns `None` when
+/// shutdown came first.
+async fn start_pipeline<'a>(
+    config: &'a Config,
+    owner: &Owner,
+    shutdown: &CancellationToken,
+) -> Result<Option<Pipeline<'a>>, Error> {
+    // Connecting and waiting for the lease hold nothing that must finish, so shutdown may
+    // interrupt them anywhere.
+    let acquired = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        acquired = acquire(config, owner) => acquired?,
+    };
+    let Acquired {
+        db,
+        deployment,
+        lease,
+        held,
+        sink,
+    } = acquired;
+    match prepare(config, &db, &deployment, &sink, shutdown).await {
+        Ok((source, position)) => Ok(Some(Pipeline {
+            db,
+            lease,
+            held,
+            sink,
+            source,
+            position,
+        })),
+        Err(error) => {
+            if !error.is_retryable() || matches!(error, Error::Interrupted { .. }) {
+                release(&lease, &held).await;
+            }
+            Err(error)
+        }
+    }
+}
+
+/// What [`acquire`] holds once this instance has the lease.
+struct Acquired<'a> {
+    db: Database,
+    deployment: deployment::Deployment,
+    lease: Lease,
+    held: Held,
+    sink: Sink<'a>,
+}
+
+/// Connects, checks the deployment, creates indexes, waits for the lease and claims the
+/// stream document.
+async fn acquire<'a>(config: &'a Config, owner: &Owner) -> Result<Acquired<'a>, Error> {
     let client = deployment::connect(config).await?;
     let deployment = deployment::check(&client, config).await?;
     let db = client.database(&config.mongodb.database);
@@ -267,9 +323,28 @@ async fn start_pipeline<'a>(config: &'a Config, owner: &Owner) -> Result<Pipelin
         .record_session(epoch, &sink.open_session().await?)
         .await?;
 
+    Ok(Acquired {
+        db,
+        deployment,
+        lease,
+        held,
+        sink,
+    })
+}
+
+/// Performs pending resets, then opens the stream after the stored position, or at the
+/// current time on a first run. A first run stores its starting position before it reports
+/// ready, so a change written between this run and the next start is not skipped.
+async fn prepare(
+    config: &Config,
+    db: &Database,
+    deployment: &deployment::Deployment,
+    sink: &Sink<'_>,
+    shutdown: &CancellationToken,
+) -> Result<(ChangeSource, Position), Error> {
     // Pending resets run first, before the stored position is read, because they replace it.
     while let Some(request) = sink.state().pending_reset().await? {
-        reset::perform(&db, config, &sink, &request).await?;
+        reset::perform(db, config, sink, &request, shutdown).await?;
     }
     sink.state().clear_stale_reset_mark().await?;
 
@@ -278,7 +353,7 @@ async fn start_pipeline<'a>(config: &'a Config, owner: &Owner) -> Result<Pipelin
     let (source, position) = match resume {
         Some(Resume::After(position)) => {
             let source = open_after(
-                &db,
+                db,
                 config,
                 &position,
                 watch.as_ref(),
@@ -300,7 +375,7 @@ async fn start_pipeline<'a>(config: &'a Config, owner: &Owner) -> Result<Pipelin
                 resume_token: Document::new(),
                 cluster_time: Some(time),
             };
-            let source = ChangeSource::open(&db, config, &Start::AtTime(time))
+            let source = ChangeSource::open(db, config, &Start::AtTime(time))
                 .await
                 .map_err(|error| lost_position(error, &position))?;
             info!(
@@ -312,7 +387,7 @@ async fn start_pipeline<'a>(config: &'a Config, owner: &Owner) -> Result<Pipelin
             (source, position)
         }
         None => {
-            let source = ChangeSource::open(&db, config, &Start::Now).await?;
+            let source = ChangeSource::open(db, config, &Start::Now).await?;
             let position = current_position(&source, sink.state())?;
             sink.state().store_start(&position).await?;
             info!(
@@ -324,14 +399,7 @@ async fn start_pipeline<'a>(config: &'a Config, owner: &Owner) -> Result<Pipelin
             (source, position)
         }
     };
-    Ok(Pipeline {
-        db,
-        lease,
-        held,
-        sink,
-        source,
-        position,
-    })
+    Ok((source, position))
 }
 
 /// Polls the lease until this instance holds it, logging the holder whenever it changes.

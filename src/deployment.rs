@@ -52,12 +52,11 @@ pub async fn check(client: &Client, config: &Config) -> Result<Deployment, Error
     let hello = match admin.run_command(doc! { "hello": 1 }).await {
         Ok(hello) => hello,
         Err(error) => {
-            // With replicaSet= in the URI the driver ignores a standalone server instead of
-            // reporting it; ask each seed host directly so the operator gets the real reason.
-            if probe_for_standalone(config).await {
-                return Err(Error::NoChangeStreams {
-                    uri: mask_uri(&config.mongodb.uri),
-                });
+            // With replicaSet= in the URI the driver ignores a standalone server or a member
+            // of another set instead of reporting it; ask each seed host directly so the
+            // operator gets the real reason.
+            if let Some(explained) = probe_seed_hosts(config).await {
+                return Err(explained);
             }
             return Err(check_failed(config, error));
         }
@@ -94,11 +93,12 @@ fn serves_change_streams(hello: &Document) -> bool {
     hello.contains_key("setName") || hello.get_str("msg") == Ok("isdbgrid")
 }
 
-/// Returns true when some seed host answers as a standalone mongod.
-async fn probe_for_standalone(config: &Config) -> bool {
-    let Ok(options) = parse_options(config).await else {
-        return false;
-    };
+/// Asks each seed host directly what it is, to explain why the driver found no server.
+/// Returns the first explanation found: a standalone server, or a member of another
+/// replica set than the URI names.
+async fn probe_seed_hosts(config: &Config) -> Option<Error> {
+    let options = parse_options(config).await.ok()?;
+    let expected = options.repl_set_name.clone();
     for host in &options.hosts {
         let mut direct = options.clone();
         direct.hosts = vec![host.clone()];
@@ -108,17 +108,31 @@ async fn probe_for_standalone(config: &Config) -> bool {
         let Ok(client) = Client::with_options(direct) else {
             continue;
         };
-        let reply = client
+        let Ok(hello) = client
             .database("admin")
             .run_command(doc! { "hello": 1 })
-            .await;
-        if let Ok(hello) = reply {
-            if !serves_change_streams(&hello) {
-                return true;
+            .await
+        else {
+            continue;
+        };
+        if !serves_change_streams(&hello) {
+            return Some(Error::NoChangeStreams {
+                uri: mask_uri(&config.mongodb.uri),
+            });
+        }
+        let found = hello.get_str("setName").ok();
+        if let (Some(expected), Some(found)) = (&expected, found) {
+            if expected != found {
+                return Some(Error::WrongReplicaSet {
+                    uri: mask_uri(&config.mongodb.uri),
+                    host: host.to_string(),
+                    expected: expected.clone(),
+                    found: found.to_string(),
+                });
             }
         }
     }
-    false
+    None
 }
 
 async fn parse_options(config: &Config) -> Result<ClientOptions, Error> {

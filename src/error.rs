@@ -30,9 +30,21 @@ pub enum Error {
     #[error(
         "{uri} is a standalone mongod, which has no change streams; \
          run it as a replica set (a single member is enough: start mongod with --replSet rs0 \
-         and run rs.initiate()) and put replicaSet=rs0 in the URI"
+         and run rs.initiate()) and name the set in the URI with replicaSet=rs0"
     )]
     NoChangeStreams { uri: String },
+
+    /// The servers in the URI belong to another replica set than the URI names.
+    #[error(
+        "{uri} names replica set `{expected}`, but the server at {host} is a member of `{found}`; \
+         set replicaSet={found} in the URI, or point it at the right servers"
+    )]
+    WrongReplicaSet {
+        uri: String,
+        host: String,
+        expected: String,
+        found: String,
+    },
 
     /// The stored resume token can no longer be resumed from: its history left the oplog, or the
     /// server does not know it. Retrying the same token never succeeds.
@@ -89,6 +101,11 @@ pub enum Error {
     /// becomes a standby.
     #[error("lost the lease (held epoch {epoch}); another instance took over")]
     LeaseLost { epoch: i64 },
+
+    /// Shutdown stopped a reset between two of its batches; the reset stays pending and
+    /// starts over on the next start.
+    #[error("shutdown interrupted a {mode} reset")]
+    Interrupted { mode: &'static str },
 
     /// A reset was requested; the supervisor restarts the pipeline, which performs it.
     #[error("a reset was requested")]
@@ -175,7 +192,10 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::Mongo { .. } | Error::LeaseLost { .. } | Error::ResetRequested
+            Error::Mongo { .. }
+                | Error::LeaseLost { .. }
+                | Error::ResetRequested
+                | Error::Interrupted { .. }
         )
     }
 }

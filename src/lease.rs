@@ -181,12 +181,12 @@ impl Lease {
         match ended {
             Ok(_) => info!(
                 session = %session,
-                "Ended the previous holder's merge session, aborting its open transaction if it had one."
+                "Ended the merge session recorded in the lease, aborting its open transaction if it had one."
             ),
             Err(error) => warn!(
                 session = %session,
                 error = describe(&error),
-                "Ending the previous holder's merge session failed; its open transaction, if any, \
+                "Ending the merge session recorded in the lease failed; its open transaction, if any, \
                  blocks merges until the server aborts it (transactionLifetimeLimitSeconds)."
             ),
         }

@@ -75,8 +75,29 @@ struct ConfigArgs {
     config: Option<PathBuf>,
 }
 
+/// Exit code of a command line that cannot be parsed, the same as for other invalid requests,
+/// so that it cannot be mistaken for exit code 2 (no change streams).
+const USAGE_EXIT_CODE: u8 = 1;
+
+/// Time given to the driver's background tasks (such as killing the change stream's cursor)
+/// to finish after the daemon stopped, before the runtime shuts down.
+const DRIVER_CLEANUP_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // Help and version output are not errors.
+            let code = if error.use_stderr() {
+                USAGE_EXIT_CODE
+            } else {
+                0
+            };
+            let _ = error.print();
+            return ExitCode::from(code);
+        }
+    };
+    let is_daemon = matches!(cli.command, Command::Run(_));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -88,21 +109,26 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        let result = match cli.command {
             Command::Run(args) => run(&args).await,
             Command::CheckConfig(args) => check_config(&args).await,
             Command::Status(args) => status(&args).await,
             Command::Reset(args) => reset(&args).await,
-        }
+        };
+        tokio::time::sleep(DRIVER_CLEANUP_GRACE).await;
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(
-                error = chain(&error),
-                exit_code = error.exit_code(),
-                "Stopped with an error."
-            );
+            // The daemon's log gets the error as an event too; one-shot commands print it once.
+            if is_daemon {
+                tracing::error!(
+                    error = chain(&error),
+                    exit_code = error.exit_code(),
+                    "Stopped with an error."
+                );
+            }
             eprintln!("perfagg: error: {}", chain(&error));
             ExitCode::from(error.exit_code())
         }

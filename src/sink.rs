@@ -432,10 +432,13 @@ impl<'a> Sink<'a> {
         let mut logs = Vec::new();
         let mut reject_logs = Vec::new();
         let mut written: Vec<Key> = Vec::new();
-        let mut rejects = Vec::new();
+        // The last outcome per staging document in this batch decides whether it ends with
+        // a reject record (its last version was invalid) or without one (it merged).
+        let mut reject_records = RejectRecords::default();
         for planned in plan {
             match planned {
                 Planned::Merge { change, record } => {
+                    reject_records.merged(change);
                     let key = record.key();
                     let slot = targets.entry(key.clone()).or_insert(TargetSlot {
                         document: None,
@@ -470,7 +473,10 @@ impl<'a> Sink<'a> {
                     reasons,
                     keep_document,
                 } => {
-                    rejects.push(reject_statement(change, reasons, *keep_document, now));
+                    reject_records.rejected(
+                        change,
+                        reject_statement(change, reasons, *keep_document, now),
+                    );
                     reject_logs.push(RejectLog {
                         collection: change.collection.clone(),
                         staging_id: change.staging_id.clone(),
@@ -504,8 +510,10 @@ impl<'a> Sink<'a> {
         outcome.targets = statements.len();
         self.run_updates(session, &self.config.collections.target, statements)
             .await?;
+        let (rejects, resolved) = reject_records.into_writes();
         self.run_updates(session, &self.config.collections.rejects, rejects)
             .await?;
+        self.delete_resolved_rejects(session, resolved).await?;
         let totals = Totals {
             events: outcome.events as u64,
             merged: outcome.merged as u64,
@@ -513,6 +521,30 @@ impl<'a> Sink<'a> {
         };
         self.state.store_position(session, position, totals).await?;
         Ok((outcome, logs, reject_logs))
+    }
+
+    /// Removes the reject records of staging documents that have now merged, so that
+    /// `staging_rejects` lists only documents that are still invalid.
+    async fn delete_resolved_rejects(
+        &self,
+        session: &mut ClientSession,
+        resolved: Vec<Document>,
+    ) -> Result<(), Error> {
+        for chunk in resolved.chunks(MAX_LOOKUP_KEYS) {
+            let command = doc! {
+                "delete": &self.config.collections.rejects,
+                "deletes": [{ "q": { "$or": chunk.to_vec() }, "limit": 0 }],
+            };
+            let reply = self
+                .db
+                .run_command(command)
+                .session(&mut *session)
+                .await
+                .map_err(Error::mongo(Action::Transaction))?;
+            let namespace = format!("{}.{}", self.db.name(), self.config.collections.rejects);
+            check_write_errors(&reply, &namespace)?;
+        }
+        Ok(())
     }
 
     async fn load_targets(
@@ -609,6 +641,55 @@ fn target_key(document: &Document) -> Option<Key> {
         entity_type: document.get_str("entity_type").ok()?.to_string(),
         date: chrono::NaiveDate::parse_from_str(document.get_str("date").ok()?, "%Y-%m-%d").ok()?,
     })
+}
+
+/// The last outcome of each staging document in a batch: a reject upsert when its last
+/// version was invalid, or the removal of its old reject record when it merged.
+#[derive(Default)]
+struct RejectRecords {
+    /// Position in `outcomes` per staging document (collection and `_id`).
+    index: HashMap<(String, String), usize>,
+    outcomes: Vec<RejectOutcome>,
+}
+
+enum RejectOutcome {
+    Upsert(Document),
+    Remove(Document),
+}
+
+impl RejectRecords {
+    fn merged(&mut self, change: &Change) {
+        let filter = doc! { "source": &change.collection, "staging_id": change.staging_id.clone() };
+        self.record(change, RejectOutcome::Remove(filter));
+    }
+
+    fn rejected(&mut self, change: &Change, statement: Document) {
+        self.record(change, RejectOutcome::Upsert(statement));
+    }
+
+    fn record(&mut self, change: &Change, outcome: RejectOutcome) {
+        let key = (change.collection.clone(), change.staging_id.to_string());
+        match self.index.get(&key) {
+            Some(&position) => self.outcomes[position] = outcome,
+            None => {
+                self.index.insert(key, self.outcomes.len());
+                self.outcomes.push(outcome);
+            }
+        }
+    }
+
+    /// Returns the reject upserts and the filters of reject records to remove.
+    fn into_writes(self) -> (Vec<Document>, Vec<Document>) {
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        for outcome in self.outcomes {
+            match outcome {
+                RejectOutcome::Upsert(statement) => upserts.push(statement),
+                RejectOutcome::Remove(filter) => removals.push(filter),
+            }
+        }
+        (upserts, removals)
+    }
 }
 
 fn reject_statement(

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::deployment;
 use crate::error::{Action, Error};
 use crate::lease::read_lease;
+use crate::reset::request::oldest_oplog_time;
 use crate::state::{timestamp_text, StateStore};
 
 /// Number of past resets shown.
@@ -53,9 +54,21 @@ async fn gather(db: &Database, config: &Config) -> Result<Value, Error> {
             Some(Bson::Timestamp(time)) => Value::String(timestamp_text(*time)),
             _ => Value::Null,
         },
-        "stored_at": to_json(stream.get("updated_at")),
+        "stored_at": stream.get_datetime("updated_at").ok().map(|at| at.to_chrono().to_rfc3339()),
         "epoch": to_json(stream.get("epoch")),
     });
+
+    // The position is lost once its cluster time is older than the oplog's oldest entry. A
+    // user without read access to the `local` database sees no window rather than an error.
+    let oplog_oldest = oldest_oplog_time(db.client()).await.ok();
+    let position_time = match (stream.get("cluster_time"), stream.get("start_at")) {
+        (Some(Bson::Timestamp(time)), _) | (_, Some(Bson::Timestamp(time))) => Some(*time),
+        _ => None,
+    };
+    let position_in_oplog = match (position_time, oplog_oldest) {
+        (Some(position), Some(oldest)) => Some(position >= oldest),
+        _ => None,
+    };
 
     let newest = newest_staging_write(db, config).await?;
     let behind_seconds = match (newest, cluster_seconds) {
@@ -112,6 +125,8 @@ async fn gather(db: &Database, config: &Config) -> Result<Value, Error> {
         "database": config.mongodb.database,
         "position": position,
         "newest_staging_write": newest_text,
+        "oplog_oldest": oplog_oldest.map(timestamp_text),
+        "position_in_oplog_window": position_in_oplog,
         "behind_seconds": behind_seconds,
         "lease": lease,
         "target_documents": targets,
@@ -180,6 +195,15 @@ fn render_text(report: &Value) -> String {
         },
         text(&report["newest_staging_write"])
     ));
+    lines.push(match report["position_in_oplog_window"].as_bool() {
+        Some(true) => format!("oplog window:    from {}; the position is inside it", text(&report["oplog_oldest"])),
+        Some(false) => format!(
+            "oplog window:    from {}; the position is OLDER and cannot be resumed: run `perfagg reset --rescan`",
+            text(&report["oplog_oldest"])
+        ),
+        None => format!("oplog window:    from {}", text(&report["oplog_oldest"])),
+    });
+
     let lease = &report["lease"];
     lines.push(match lease {
         Value::Null => "lease:           none".to_string(),

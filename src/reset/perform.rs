@@ -9,6 +9,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::{ReadConcern, WriteConcern};
 use mongodb::Database;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -19,17 +20,20 @@ use crate::sink::{BatchOutcome, Sink};
 use crate::state::{Position, ResetMode, ResetRequest, Resume};
 use crate::stream::{token_cluster_time, Change, ChangeSource, Operation, Start};
 
-/// Performs `request` and returns where the change stream continues.
+/// Performs `request` and returns where the change stream continues. Shutdown stops a rescan
+/// between two batches.
 ///
 /// # Errors
 ///
 /// [`Error::Mongo`] when the server fails (the request stays pending and is performed again
-/// on the next start), [`Error::LeaseLost`] when another instance took over.
+/// on the next start), [`Error::LeaseLost`] when another instance took over, and
+/// [`Error::Interrupted`] when shutdown stopped a rescan.
 pub async fn perform(
     db: &Database,
     config: &Config,
     sink: &Sink<'_>,
     request: &ResetRequest,
+    shutdown: &CancellationToken,
 ) -> Result<Resume, Error> {
     info!(
         id = %request.id,
@@ -50,13 +54,19 @@ pub async fn perform(
         }
         ResetMode::Rescan(since) => {
             let position = current_position(db, config).await?;
-            let outcome = rescan(db, config, sink, *since, &position).await?;
+            let outcome = rescan(db, config, sink, *since, &position, shutdown).await?;
             (Resume::After(position), outcome_detail(&outcome, None))
         }
         ResetMode::Rebuild => {
             let position = current_position(db, config).await?;
             let cleared = clear_owned_fields(db, config).await?;
-            let outcome = rescan(db, config, sink, None, &position).await?;
+            let outcome = rescan(db, config, sink, None, &position, shutdown)
+                .await
+                .inspect_err(|error| {
+                    if matches!(error, Error::Interrupted { .. }) {
+                        warn!("Target documents stay incomplete until the rebuild runs again at the next start.");
+                    }
+                })?;
             (
                 Resume::After(position),
                 outcome_detail(&outcome, Some(cleared)),
@@ -91,6 +101,7 @@ async fn rescan(
     sink: &Sink<'_>,
     since: Option<NaiveDate>,
     start: &Position,
+    shutdown: &CancellationToken,
 ) -> Result<BatchOutcome, Error> {
     let decoder = Decoder::new(config);
     let mut total = BatchOutcome::default();
@@ -121,11 +132,13 @@ async fn rescan(
             }
             batch.push(change);
             if batch.len() >= config.batch.max_events {
+                stop_if_shutdown(shutdown, &total)?;
                 total.add(sink.commit_rescan(&batch).await?);
                 batch.clear();
             }
         }
         if !batch.is_empty() {
+            stop_if_shutdown(shutdown, &total)?;
             total.add(sink.commit_rescan(&batch).await?);
         }
     }
@@ -136,6 +149,19 @@ async fn rescan(
         "Rescanned the staging collections."
     );
     Ok(total)
+}
+
+/// Stops a rescan between batches once shutdown was requested. The reset stays pending, and
+/// the next start runs it again from the beginning.
+fn stop_if_shutdown(shutdown: &CancellationToken, done: &BatchOutcome) -> Result<(), Error> {
+    if !shutdown.is_cancelled() {
+        return Ok(());
+    }
+    warn!(
+        rescanned = done.events,
+        "Shutdown interrupted a rescan; the reset stays pending and starts over on the next start."
+    );
+    Err(Error::Interrupted { mode: "rescan" })
 }
 
 /// Builds the change for a staging document found by a rescan. Its wall time is the creation

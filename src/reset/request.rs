@@ -43,6 +43,7 @@ pub async fn run(config: &Config, args: &ResetArgs) -> Result<(), Error> {
     let client = deployment::connect(config).await?;
     deployment::check(&client, config).await?;
     let db = client.database(&config.mongodb.database);
+    check_database_in_use(&db, config).await?;
     if let ResetMode::Since(time) = &mode {
         check_oplog_window(&client, *time).await?;
     }
@@ -80,6 +81,11 @@ fn parse_mode(args: &ResetArgs, timezone: Tz, now: DateTime<Utc>) -> Result<Rese
     }
     if args.rescan {
         let since = args.since.as_deref().map(parse_day).transpose()?;
+        if let Some(day) = since.filter(|day| *day > now.with_timezone(&timezone).date_naive()) {
+            return Err(invalid(&format!(
+                "--since {day} is in the future; give a past day"
+            )));
+        }
         return Ok(ResetMode::Rescan(since));
     }
     if args.to_now || args.rebuild {
@@ -147,6 +153,32 @@ fn parse_day(text: &str) -> Result<NaiveDate, Error> {
         .map_err(|_| invalid(&format!("--since `{text}` is not a day")))
 }
 
+/// Refuses a reset of a database that holds neither perfagg's state nor a staging
+/// collection: most likely `--config` or `PERFAGG_DATABASE` names the wrong one.
+async fn check_database_in_use(db: &Database, config: &Config) -> Result<(), Error> {
+    let names = db
+        .list_collection_names()
+        .await
+        .map_err(Error::mongo(Action::Status))?;
+    let collections = &config.collections;
+    let expected = [
+        &collections.state,
+        &collections.metrics,
+        &collections.surveys,
+    ];
+    if expected.iter().any(|name| names.contains(name)) {
+        return Ok(());
+    }
+    Err(invalid(&format!(
+        "database `{}` has none of {}, {} and {}, so perfagg has never run on it; check \
+         --config and PERFAGG_DATABASE",
+        db.name(),
+        collections.state,
+        collections.metrics,
+        collections.surveys
+    )))
+}
+
 /// Refuses a replay from before the oldest entry of the oplog, which the server cannot serve.
 async fn check_oplog_window(client: &Client, since: Timestamp) -> Result<(), Error> {
     let oldest = oldest_oplog_time(client).await?;
@@ -196,29 +228,35 @@ async fn describe_plan(db: &Database, config: &Config, mode: &ResetMode) -> Resu
     let written_since = |time: Timestamp| doc! { "_id": { "$gte": ObjectId::from_bytes(object_id_prefix(time.time)) } };
     let text = match mode {
         ResetMode::Since(time) => format!(
-            "Replay the change stream from {}: about {} staging documents were written since then \
-             (counted by the creation time in their ObjectId).",
+            "Replay the change stream from {}: about {} written since then (counted by the \
+             creation time in their ObjectId).",
             timestamp_text(*time),
-            count(written_since(*time)).await?
+            staging_documents(count(written_since(*time)).await?)
         ),
         ResetMode::Rescan(since) => format!(
-            "Rescan {} staging documents{} in insertion order, then continue the change stream from \
-             the moment the rescan begins.",
-            count(doc! {}).await?,
-            since.map(|day| format!(" (merging those dated on or after {day})")).unwrap_or_default()
+            "Read {} in insertion order and merge {}, then continue the change stream from the \
+             moment the rescan begins.",
+            staging_documents(count(doc! {}).await?),
+            since.map_or_else(
+                || "them all".to_string(),
+                |day| format!("those dated on or after {day}")
+            )
         ),
         ResetMode::ToNow => {
             let stored = StateStore::new(db, config).load().await?;
             let backlog = match stored.resume {
                 Some(Resume::After(position)) => match position.cluster_time {
                     Some(time) => format!(
-                        "about {} staging documents written since the stored position {} will not be merged",
-                        count(written_since(time)).await?,
-                        timestamp_text(time)
+                        "changes after the stored position {} will not be merged (about {} were \
+                         written since then)",
+                        timestamp_text(time),
+                        staging_documents(count(written_since(time)).await?)
                     ),
                     None => "the backlog after the stored position will not be merged".to_string(),
                 },
-                Some(Resume::AtTime(time)) => format!("the replay from {} will not happen", timestamp_text(time)),
+                Some(Resume::AtTime(time)) => {
+                    format!("the replay from {} will not happen", timestamp_text(time))
+                }
                 None => "there is no stored position yet".to_string(),
             };
             format!("Forget the stored position and continue from the current time: {backlog}.")
@@ -231,13 +269,21 @@ async fn describe_plan(db: &Database, config: &Config, mode: &ResetMode) -> Resu
                 .map_err(Error::mongo(Action::Status))?;
             format!(
                 "Clear perfagg's fields in {targets} target documents (fields of other writers stay; \
-                 documents left with only their key are removed), then rescan {} staging documents. \
-                 Dashboards see partial data until the rescan ends.",
-                count(doc! {}).await?
+                 documents left with only their key are removed), then rescan {}. Dashboards see \
+                 partial data until the rescan ends.",
+                staging_documents(count(doc! {}).await?)
             )
         }
     };
     Ok(text)
+}
+
+/// Formats a count of staging documents with the right plural.
+fn staging_documents(count: u64) -> String {
+    match count {
+        1 => "1 staging document".to_string(),
+        count => format!("{count} staging documents"),
+    }
 }
 
 /// Returns the 12 bytes of the smallest ObjectId created at `seconds`.
@@ -374,6 +420,16 @@ mod tests {
             ..ResetArgs::default()
         };
         assert!(message(parse_mode(&rescan_time, Tz::UTC, now())).contains("is not a day"));
+    }
+
+    #[test]
+    fn rescan_since_future_day_refused() {
+        let rescan = ResetArgs {
+            rescan: true,
+            since: Some("2026-12-06".into()),
+            ..ResetArgs::default()
+        };
+        assert!(message(parse_mode(&rescan, Tz::UTC, now())).contains("in the future"));
     }
 
     #[test]

@@ -287,3 +287,34 @@ async fn invalid_config_exits_one() {
         "{stderr}"
     );
 }
+
+/// A URI that names another replica set than the servers belong to gets an error naming
+/// both sets, instead of a bare server-selection timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_replica_set_named() {
+    let set = shared_replica_set();
+    let uri = set.uri().replace("replicaSet=rs0", "replicaSet=production");
+    assert_ne!(uri, set.uri(), "the shared set's URI names rs0");
+    let output = run_cli(&["check-config"], &[("PERFAGG_MONGODB_URI", &uri)]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("names replica set `production`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("is a member of `rs0`"), "{stderr}");
+}
+
+/// A command line that cannot be parsed exits 1, never 2, which means "no change streams".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_error_exits_one() {
+    for args in [vec!["frobnicate"], vec!["run", "--bogus"], vec![]] {
+        let output = run_cli(&args, &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("Usage"), "{args:?}: {stderr}");
+    }
+    let output = run_cli(&["--version"], &[]);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("perfagg "));
+}

@@ -607,3 +607,56 @@ async fn merge_ignores_other_collections() {
     let targets = fixture.all_targets().await;
     assert_eq!(targets.len(), 1, "{targets:?}");
 }
+
+/// A rejected staging document that is corrected in place merges and loses its reject
+/// record, so the rejects collection lists only documents that are still invalid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_fixed_document_clears_reject() {
+    let fixture = Fixture::start("merge_fixed_reject", "").await;
+    let invalid = doc! { "entity_name": "Fixed", "entity_type": "dpe", "date": "2025-09-25", "sct": 2.5, "cases": 15.5 };
+    let id = fixture
+        .metrics()
+        .insert_one(invalid)
+        .await
+        .unwrap()
+        .inserted_id;
+    let still_invalid = doc! { "entity_name": "Broken", "entity_type": "dpe", "date": "2025-09-25", "sct": "x", "cases": 1 };
+    fixture.metrics().insert_one(still_invalid).await.unwrap();
+    fixture.wait_events(2).await;
+    assert_eq!(fixture.rejects().count_documents(doc! {}).await.unwrap(), 2);
+
+    fixture
+        .metrics()
+        .update_one(doc! { "_id": id.clone() }, doc! { "$set": { "cases": 15 } })
+        .await
+        .unwrap();
+    fixture.wait_events(3).await;
+    let merged = fixture.target_where("Fixed", "2025-09-25", |_| true).await;
+    assert_eq!(merged.get_i32("cases_count").unwrap(), 15);
+    let rejects: Vec<Document> = fixture
+        .rejects()
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    assert_eq!(
+        rejects[0]
+            .get_document("document")
+            .unwrap()
+            .get_str("entity_name")
+            .unwrap(),
+        "Broken"
+    );
+
+    // Made invalid again, the same staging document is rejected again.
+    fixture
+        .metrics()
+        .update_one(doc! { "_id": id }, doc! { "$set": { "cases": -1 } })
+        .await
+        .unwrap();
+    fixture.wait_events(4).await;
+    assert_eq!(fixture.rejects().count_documents(doc! {}).await.unwrap(), 2);
+}

@@ -492,6 +492,20 @@ async fn reset_to_now_skips_backlog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_refuses_invalid_requests() {
     let setup = Setup::new("reset_refusals").await;
+    let (code, _, stderr) = setup.cli(&["reset", "--to-now", "--yes"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("so perfagg has never run on it"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("PERFAGG_DATABASE"), "{stderr}");
+    let staging = doc! { "entity_name": "A", "entity_type": "dpe", "date": "2025-09-25", "sct": 1, "cases": 1 };
+    setup
+        .coll("staging_metrics")
+        .insert_one(staging)
+        .await
+        .unwrap();
+
     let (code, _, stderr) = setup.cli(&["reset", "--since", "2001-01-01T00:00:00Z", "--yes"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("outside the oplog window"), "{stderr}");
@@ -560,6 +574,8 @@ async fn status_reports_position_and_lease() {
         "{report}"
     );
     assert!(report["pending_reset"].is_null(), "{report}");
+    assert_eq!(report["position_in_oplog_window"], true, "{report}");
+    assert!(report["oplog_oldest"].is_string(), "{report}");
 
     setup.reset(&["--to-now"]);
     setup.wait_resets_done(1).await;

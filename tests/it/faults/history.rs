@@ -115,6 +115,17 @@ async fn lost_position_at_start_exits_three() {
     let unknown_error = assert_exits_three(&builder, &token, true).await;
     assert!(unknown_error.contains("280"), "{unknown_error}");
     assert_eq!(stored_token(&db).await, token, "the stored position moved");
+    // A daemon that stops for good lets its lease expire at once.
+    let lease = db
+        .collection::<Document>("perfagg_state")
+        .find_one(doc! { "_id": "lease" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        lease.get_datetime("released_at").is_ok(),
+        "the lease was not released: {lease}"
+    );
 
     // Code 286: the server no longer has the history after a valid token.
     let database = unique_database("lost_position_history");

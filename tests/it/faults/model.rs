@@ -14,7 +14,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::Database;
 
-use crate::support::wait_until;
+use crate::support;
 
 /// `merge.default_satisfaction` when the config does not set it.
 const DEFAULT_SATISFACTION: f64 = 85.0;
@@ -506,26 +506,13 @@ fn same_target(have: &Target, want: &Target) -> bool {
 
 /// Reads the running totals of the state document: `(events, merged, rejected)`.
 pub async fn committed_totals(db: &Database) -> (i64, i64, i64) {
-    let stored = db
-        .collection::<Document>("perfagg_state")
-        .find_one(doc! { "_id": "stream" })
-        .await
-        .unwrap();
-    let totals = stored
-        .and_then(|stored| stored.get_document("totals").ok().cloned())
-        .unwrap_or_default();
-    let total = |name: &str| totals.get(name).and_then(Bson::as_i64).unwrap_or(0);
-    (total("events"), total("merged"), total("rejected"))
+    let totals = support::committed_totals(db).await;
+    (totals.events, totals.merged, totals.rejected)
 }
 
 /// Waits until the state document counts `events` committed change events.
 pub async fn wait_committed(db: &Database, events: usize, timeout: Duration) {
-    wait_until(
-        timeout,
-        &format!("{events} change events committed"),
-        || async move { committed_totals(db).await.0 >= events as i64 },
-    )
-    .await;
+    support::wait_committed(db, events as i64, timeout).await;
 }
 
 /// Asserts that the state document counts each staging insert of `expected` exactly once:
