@@ -14,6 +14,8 @@ use crate::merge::{Key, MetricsRecord, Percentages, Record, SurveyRecord};
 
 pub use date::{day_of_millis, ACCEPTED_FORMS};
 
+use date::Day;
+
 /// Staging collection of a change event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
@@ -182,8 +184,8 @@ impl<'a> Decoder<'a> {
                 }
             },
             (_, MissingDate::EventDay, Some(event_time)) => {
-                let day = event_time.with_timezone(&merge.timezone).date_naive();
-                Some((fields[0].as_str(), day))
+                let date = event_time.with_timezone(&merge.timezone).date_naive();
+                Some((fields[0].as_str(), Day::from_date(date)))
             }
             (found, _, _) => {
                 reader.report_missing(fields, found);
@@ -191,26 +193,46 @@ impl<'a> Decoder<'a> {
             }
         };
         let (name, day) = day?;
-        if day < merge.min_date {
-            reader.reasons.push(format!(
-                "`{name}`: {day} is before merge.min_date {}; n8n writes 1970-01-01 for a date it could not parse",
-                merge.min_date
-            ));
+
+        // A day read from a number shows that number, because 20240513 or epoch seconds read
+        // as milliseconds land in 1970 and the producer must see what it sent to fix it.
+        if day.date < merge.min_date {
+            let reason = match day.epoch_millis {
+                Some(millis) => format!(
+                    "`{name}`: {millis} read as epoch milliseconds is {}, before merge.min_date {}; \
+                     send the day as YYYY-MM-DD",
+                    day.date, merge.min_date
+                ),
+                None => format!(
+                    "`{name}`: {} is before merge.min_date {}; n8n writes 1970-01-01 for a date it \
+                     could not parse",
+                    day.date, merge.min_date
+                ),
+            };
+            reader.reasons.push(reason);
             return None;
         }
         let latest = context
             .today
             .checked_add_days(Days::new(1))
             .unwrap_or(NaiveDate::MAX);
-        if day > latest {
-            reader.reasons.push(format!(
-                "`{name}`: {day} is more than one day in the future (today is {} in {})",
-                context.today,
-                merge.timezone.name()
-            ));
+        if day.date > latest {
+            let today = format!("today is {} in {}", context.today, merge.timezone.name());
+            let reason = match day.epoch_millis {
+                Some(millis) => format!(
+                    "`{name}`: {millis} read as epoch milliseconds is {}, more than one day in the \
+                     future ({today}); send the day as YYYY-MM-DD",
+                    day.date
+                ),
+                None => format!(
+                    "`{name}`: {} is more than one day in the future ({today})",
+                    day.date
+                ),
+            };
+            reader.reasons.push(reason);
             return None;
         }
-        Some(day)
+        Some(day.date)
     }
 }
 
@@ -240,6 +262,23 @@ fn find<'x>(document: &'x Document, names: &'x [String]) -> Found<'x> {
     }
 }
 
+/// Reason fragments from a field parser: one, or one for each problem it found.
+trait IntoReasons {
+    fn into_reasons(self) -> Vec<String>;
+}
+
+impl IntoReasons for String {
+    fn into_reasons(self) -> Vec<String> {
+        vec![self]
+    }
+}
+
+impl IntoReasons for Vec<String> {
+    fn into_reasons(self) -> Vec<String> {
+        self
+    }
+}
+
 /// Reads fields from one staging document and collects the reasons it is invalid.
 struct Reader<'d> {
     document: &'d Document,
@@ -247,10 +286,10 @@ struct Reader<'d> {
 }
 
 impl<'d> Reader<'d> {
-    fn required<T>(
+    fn required<T, E: IntoReasons>(
         &mut self,
         names: &[String],
-        parse: impl FnOnce(&Bson) -> Result<T, String>,
+        parse: impl FnOnce(&Bson) -> Result<T, E>,
     ) -> Option<T> {
         let document = self.document;
         match find(document, names) {
@@ -264,10 +303,10 @@ impl<'d> Reader<'d> {
 
     /// Reads an optional field: `None` when the field is invalid (the reason is recorded),
     /// `Some(None)` when it is absent or null.
-    fn optional<T>(
+    fn optional<T, E: IntoReasons>(
         &mut self,
         names: &[String],
-        parse: impl FnOnce(&Bson) -> Result<T, String>,
+        parse: impl FnOnce(&Bson) -> Result<T, E>,
     ) -> Option<Option<T>> {
         let document = self.document;
         match find(document, names) {
@@ -276,16 +315,20 @@ impl<'d> Reader<'d> {
         }
     }
 
-    fn check<T>(
+    fn check<T, E: IntoReasons>(
         &mut self,
         name: &str,
         value: &Bson,
-        parse: impl FnOnce(&Bson) -> Result<T, String>,
+        parse: impl FnOnce(&Bson) -> Result<T, E>,
     ) -> Option<T> {
         match parse(value) {
             Ok(parsed) => Some(parsed),
-            Err(reason) => {
-                self.reasons.push(format!("`{name}`: {reason}"));
+            Err(reasons) => {
+                let named = reasons
+                    .into_reasons()
+                    .into_iter()
+                    .map(|reason| format!("`{name}`: {reason}"));
+                self.reasons.extend(named);
                 None
             }
         }
@@ -345,12 +388,14 @@ fn document(value: &Bson) -> Result<Document, String> {
     Ok(inner.clone())
 }
 
-fn percentages(value: &Bson) -> Result<Percentages, String> {
+/// Reads the csat, neutral and dsat percentages, with a reason for each one that is missing
+/// or invalid.
+fn percentages(value: &Bson) -> Result<Percentages, Vec<String>> {
     let Bson::Document(inner) = value else {
-        return Err(format!(
+        return Err(vec![format!(
             "{} is not a document of csat, neutral and dsat percentages",
             number::describe(value)
-        ));
+        )]);
     };
     let read = |field: &str| match inner.get(field) {
         Some(value) => number::parse_percent(value).map_err(|reason| format!("{field}: {reason}")),
@@ -358,11 +403,17 @@ fn percentages(value: &Bson) -> Result<Percentages, String> {
             "missing {field}; give csat, neutral and dsat, or leave percentages out"
         )),
     };
-    Ok(Percentages {
-        csat: read("csat")?,
-        neutral: read("neutral")?,
-        dsat: read("dsat")?,
-    })
+    match (read("csat"), read("neutral"), read("dsat")) {
+        (Ok(csat), Ok(neutral), Ok(dsat)) => Ok(Percentages {
+            csat,
+            neutral,
+            dsat,
+        }),
+        (csat, neutral, dsat) => Err([csat.err(), neutral.err(), dsat.err()]
+            .into_iter()
+            .flatten()
+            .collect()),
+    }
 }
 
 /// Fails on the first NaN or infinity inside `value`, naming its path.
@@ -385,7 +436,7 @@ fn check_finite(value: &Bson, path: &str) -> Result<(), String> {
                 "{double}{at} is not a finite number; NaN and infinities are not stored"
             ))
         }
-        Bson::Decimal128(decimal) if number::parse(value).is_err() => {
+        Bson::Decimal128(decimal) if number::is_nan_or_infinity(decimal) => {
             let at = if path.is_empty() {
                 String::new()
             } else {
@@ -637,5 +688,151 @@ mod tests {
             reasons,
             vec!["missing required field `avg_solution_time`".to_string()]
         );
+    }
+
+    #[test]
+    fn epoch_millis_day_shows_number() {
+        let base = |date: Bson| doc! { "entity_name": "J", "entity_type": "t", "date": date, "sct": 1, "cases": 1 };
+        let compact_dates = [
+            Bson::Int32(20_240_513),
+            Bson::Int64(20_240_513),
+            Bson::Double(20_240_513.0),
+        ];
+        for date in compact_dates {
+            let reasons = decode(Source::Metrics, base(date)).expect_err("day before min_date");
+            assert_eq!(
+                reasons,
+                vec![
+                    "`date`: 20240513 read as epoch milliseconds is 1970-01-01, before \
+                      merge.min_date 2000-01-01; send the day as YYYY-MM-DD"
+                        .to_string()
+                ]
+            );
+        }
+        let reasons = decode(Source::Metrics, base(Bson::Int64(4_102_444_800_000)))
+            .expect_err("day in the future");
+        assert_eq!(
+            reasons,
+            vec![
+                "`date`: 4102444800000 read as epoch milliseconds is 2100-01-01, more \
+                  than one day in the future (today is 2026-12-04 in UTC); send the day as \
+                  YYYY-MM-DD"
+                    .to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn epoch_day_keeps_n8n_hint() {
+        let base = |date: Bson| doc! { "entity_name": "J", "entity_type": "t", "date": date, "sct": 1, "cases": 1 };
+        let epoch_days = [
+            Bson::String("1970-01-01".into()),
+            Bson::DateTime(BsonDateTime::from_millis(0)),
+        ];
+        for date in epoch_days {
+            let reasons = decode(Source::Metrics, base(date)).expect_err("day before min_date");
+            assert_eq!(
+                reasons,
+                vec![
+                    "`date`: 1970-01-01 is before merge.min_date 2000-01-01; n8n writes \
+                      1970-01-01 for a date it could not parse"
+                        .to_string()
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn percentages_report_every_sub_field() {
+        let base = |percentages: Document| {
+            doc! {
+                "entity_name": "J", "entity_type": "t", "date": "2025-09-25",
+                "csat": 1, "neutral": 0, "dsat": 0, "percentages": percentages,
+            }
+        };
+        let reasons = decode(
+            Source::Surveys,
+            base(doc! { "csat": 120, "neutral": -1, "dsat": "x" }),
+        )
+        .expect_err("every percentage is invalid");
+        assert_eq!(
+            reasons,
+            vec![
+                "`percentages`: csat: 120 is outside 0..100; percentages must be numbers from \
+                 0 to 100",
+                "`percentages`: neutral: -1 is outside 0..100; percentages must be numbers \
+                 from 0 to 100",
+                "`percentages`: dsat: \"x\" is not a number; percentages must be numbers from \
+                 0 to 100",
+            ]
+        );
+        rejected(
+            Source::Surveys,
+            base(doc! { "csat": 100 }),
+            &[
+                "`percentages`: missing neutral",
+                "`percentages`: missing dsat",
+            ],
+        );
+    }
+
+    #[test]
+    fn negative_zero_stored_as_zero() {
+        let record = metrics(doc! {
+            "entity_name": "J", "entity_type": "t", "date": "2025-09-25", "sct": -0.0, "cases": 0,
+        });
+        assert_eq!(
+            record.sct.to_bits(),
+            0.0_f64.to_bits(),
+            "sct {}",
+            record.sct
+        );
+        let record = survey(doc! {
+            "entity_name": "J", "entity_type": "t", "date": "2025-09-25",
+            "csat": 0, "neutral": 0, "dsat": 1, "satisfaction": -0.0,
+            "percentages": { "csat": -0.0, "neutral": "-0", "dsat": 100 },
+        });
+        assert_eq!(
+            record.satisfaction.map(f64::to_bits),
+            Some(0.0_f64.to_bits()),
+            "satisfaction {:?}",
+            record.satisfaction
+        );
+        let percentages = record.percentages.expect("percentages given");
+        assert_eq!(
+            percentages.csat.to_bits(),
+            0.0_f64.to_bits(),
+            "csat {}",
+            percentages.csat
+        );
+        assert_eq!(
+            percentages.neutral.to_bits(),
+            0.0_f64.to_bits(),
+            "neutral {}",
+            percentages.neutral
+        );
+    }
+
+    #[test]
+    fn nested_decimal128_only_nan_and_infinity_rejected() {
+        let base = |metadata: Document| {
+            doc! {
+                "entity_name": "J", "entity_type": "t", "date": "2025-09-25", "sct": 1, "cases": 1,
+                "metadata": metadata,
+            }
+        };
+        let decimal = |text: &str| {
+            text.parse::<Decimal128>()
+                .expect("valid decimal128 literal")
+        };
+        let large = doc! { "x": decimal("1E+400"), "y": decimal("-1E+400") };
+        assert_eq!(metrics(base(large.clone())).metadata, large);
+        for special in ["NaN", "Infinity", "-Infinity"] {
+            rejected(
+                Source::Metrics,
+                base(doc! { "x": decimal(special) }),
+                &[&format!("decimal128 {special} at x is not a finite number")],
+            );
+        }
     }
 }

@@ -21,6 +21,25 @@ const NAIVE_FORMATS: [&str; 4] = [
     "%Y-%m-%d %H:%M",
 ];
 
+/// A day read from a staging field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Day {
+    pub date: NaiveDate,
+    /// The number the day was read from as milliseconds since the Unix epoch, if it came from
+    /// a number rather than from text or a BSON date.
+    pub epoch_millis: Option<i64>,
+}
+
+impl Day {
+    /// Returns a day that did not come from epoch milliseconds.
+    pub fn from_date(date: NaiveDate) -> Day {
+        Day {
+            date,
+            epoch_millis: None,
+        }
+    }
+}
+
 /// Reads the day a staging document is about.
 ///
 /// A BSON date at exactly 00:00:00.000 UTC is read as that calendar day, because that is how
@@ -30,21 +49,22 @@ const NAIVE_FORMATS: [&str; 4] = [
 /// # Errors
 ///
 /// A reason fragment naming the value and the accepted forms.
-pub fn parse(value: &Bson, timezone: Tz) -> Result<NaiveDate, String> {
+pub fn parse(value: &Bson, timezone: Tz) -> Result<Day, String> {
     match value {
         Bson::String(text) => parse_text(text.trim(), timezone)
+            .map(Day::from_date)
             .ok_or_else(|| format!("{} is not a date; {ACCEPTED_FORMS}", describe(value))),
         Bson::DateTime(date_time) => {
             let millis = date_time.timestamp_millis();
             if millis.rem_euclid(MILLIS_PER_DAY) == 0 {
-                return instant_day(millis, Tz::UTC, value);
+                return instant_day(millis, Tz::UTC, value).map(Day::from_date);
             }
-            instant_day(millis, timezone, value)
+            instant_day(millis, timezone, value).map(Day::from_date)
         }
-        Bson::Int32(millis) => instant_day(i64::from(*millis), timezone, value),
-        Bson::Int64(millis) => instant_day(*millis, timezone, value),
+        Bson::Int32(millis) => epoch_millis_day(i64::from(*millis), timezone, value),
+        Bson::Int64(millis) => epoch_millis_day(*millis, timezone, value),
         Bson::Double(millis) if millis.is_finite() && millis.fract() == 0.0 => {
-            instant_day(*millis as i64, timezone, value)
+            epoch_millis_day(*millis as i64, timezone, value)
         }
         other => Err(format!(
             "{} is not a date; {ACCEPTED_FORMS}",
@@ -57,6 +77,14 @@ pub fn parse(value: &Bson, timezone: Tz) -> Result<NaiveDate, String> {
 pub fn day_of_millis(millis: i64, timezone: Tz) -> Option<NaiveDate> {
     let instant: DateTime<Utc> = DateTime::from_timestamp_millis(millis)?;
     Some(instant.with_timezone(&timezone).date_naive())
+}
+
+fn epoch_millis_day(millis: i64, timezone: Tz, value: &Bson) -> Result<Day, String> {
+    let date = instant_day(millis, timezone, value)?;
+    Ok(Day {
+        date,
+        epoch_millis: Some(millis),
+    })
 }
 
 fn instant_day(millis: i64, timezone: Tz, value: &Bson) -> Result<NaiveDate, String> {
@@ -117,6 +145,10 @@ mod tests {
         Bson::String(value.to_string())
     }
 
+    fn date(value: &Bson, timezone: Tz) -> Result<NaiveDate, String> {
+        parse(value, timezone).map(|day| day.date)
+    }
+
     #[test]
     fn accepted_forms_in_utc() {
         let utc = Tz::UTC;
@@ -137,7 +169,7 @@ mod tests {
             ),
         ];
         for (value, expected) in cases {
-            assert_eq!(parse(&value, utc), Ok(day(expected)), "{value:?}");
+            assert_eq!(date(&value, utc), Ok(day(expected)), "{value:?}");
         }
     }
 
@@ -146,21 +178,21 @@ mod tests {
         let tokyo: Tz = "Asia/Tokyo".parse().expect("known zone");
         let new_york: Tz = "America/New_York".parse().expect("known zone");
         assert_eq!(
-            parse(&text("2025-09-25T20:00:00Z"), tokyo),
+            date(&text("2025-09-25T20:00:00Z"), tokyo),
             Ok(day("2025-09-26"))
         );
         assert_eq!(
-            parse(&text("2025-09-25T02:00:00Z"), new_york),
+            date(&text("2025-09-25T02:00:00Z"), new_york),
             Ok(day("2025-09-24"))
         );
         // A naive timestamp is already local time in the configured zone.
         assert_eq!(
-            parse(&text("2025-09-25 23:30"), tokyo),
+            date(&text("2025-09-25 23:30"), tokyo),
             Ok(day("2025-09-25"))
         );
         // Epoch milliseconds for 2025-09-25T20:00Z.
         assert_eq!(
-            parse(&Bson::Int64(1_758_830_400_000), tokyo),
+            date(&Bson::Int64(1_758_830_400_000), tokyo),
             Ok(day("2025-09-26"))
         );
     }
@@ -169,9 +201,9 @@ mod tests {
     fn bson_date_at_utc_midnight_is_that_day() {
         let new_york: Tz = "America/New_York".parse().expect("known zone");
         let midnight = Bson::DateTime(BsonDateTime::from_millis(1_758_758_400_000));
-        assert_eq!(parse(&midnight, new_york), Ok(day("2025-09-25")));
+        assert_eq!(date(&midnight, new_york), Ok(day("2025-09-25")));
         let one_am = Bson::DateTime(BsonDateTime::from_millis(1_758_762_000_000));
-        assert_eq!(parse(&one_am, new_york), Ok(day("2025-09-24")));
+        assert_eq!(date(&one_am, new_york), Ok(day("2025-09-24")));
     }
 
     #[test]
@@ -179,7 +211,7 @@ mod tests {
         let berlin: Tz = "Europe/Berlin".parse().expect("known zone");
         assert!(parse(&text("2025-03-30 02:30"), berlin).is_err());
         assert_eq!(
-            parse(&text("2025-10-26 02:30"), berlin),
+            date(&text("2025-10-26 02:30"), berlin),
             Ok(day("2025-10-26"))
         );
     }
@@ -200,6 +232,29 @@ mod tests {
         ] {
             let reason = parse(&value, Tz::UTC).expect_err("invalid date form");
             assert!(reason.contains("YYYY-MM-DD"), "{value:?}: {reason}");
+        }
+    }
+
+    #[test]
+    fn epoch_millis_kept_only_for_numbers() {
+        let numbers = [
+            Bson::Int32(20_240_513),
+            Bson::Int64(20_240_513),
+            Bson::Double(20_240_513.0),
+        ];
+        for value in numbers {
+            let parsed = parse(&value, Tz::UTC).expect("epoch milliseconds");
+            assert_eq!(parsed.epoch_millis, Some(20_240_513), "{value:?}");
+            assert_eq!(parsed.date, day("1970-01-01"), "{value:?}");
+        }
+        let written = [
+            text("1970-01-01"),
+            text("1970-01-01T00:00:00Z"),
+            Bson::DateTime(BsonDateTime::from_millis(0)),
+        ];
+        for value in written {
+            let parsed = parse(&value, Tz::UTC).expect("a written day");
+            assert_eq!(parsed.epoch_millis, None, "{value:?}");
         }
     }
 }

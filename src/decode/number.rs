@@ -2,18 +2,30 @@
 //! int64 or decimal128; all are read exactly enough to tell a whole count from a fraction,
 //! and NaN, infinities and text that is not a plain decimal number are invalid.
 
-use mongodb::bson::Bson;
+use mongodb::bson::{Bson, Decimal128};
 
-/// Largest integer that a double represents exactly (2^53); counts above it are refused
-/// rather than rounded.
-const MAX_EXACT_INTEGER: f64 = 9_007_199_254_740_992.0;
+/// Largest integer up to which a double represents every integer exactly (2^53). Counts above
+/// it are rejected rather than rounded, which also keeps sums of counts far from i64 overflow.
+const MAX_EXACT_INTEGER: i64 = 9_007_199_254_740_992;
 
 /// A finite number read from a staging field.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Number {
+    /// The value, with negative zero read as 0 so that no target shows -0.
     pub value: f64,
-    /// The value as an integer, when it is exactly whole.
-    pub whole: Option<i64>,
+    pub integer: Integer,
+}
+
+/// Classification of a number as an exact integer, an integer beyond 2^53 or a fraction. For
+/// decimal128 and strings it is judged from the digits as sent, not from the rounded double.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Integer {
+    /// Whole and at most 2^53 in magnitude, so a double represents it exactly.
+    Exact(i64),
+    /// Whole but beyond 2^53 in magnitude.
+    TooLarge,
+    /// Not whole.
+    Fraction,
 }
 
 /// Reads a number of any accepted BSON type.
@@ -21,34 +33,65 @@ pub struct Number {
 /// # Errors
 ///
 /// A reason fragment such as `"abc" is not a number` for a value of another type, a string
-/// that is not a decimal number, NaN or an infinity.
+/// that is not a decimal number, NaN, an infinity or a number beyond the range of a double.
 pub fn parse(value: &Bson) -> Result<Number, String> {
-    match value {
-        Bson::Int32(int) => Ok(Number::from_integer(i64::from(*int))),
-        Bson::Int64(int) => Ok(Number::from_integer(*int)),
-        Bson::Double(double) => from_double(*double),
-        Bson::Decimal128(decimal) => parse_text(&decimal.to_string())
-            .map_err(|_| format!("decimal128 {decimal} is not a finite number")),
-        Bson::String(text) => parse_text(text),
-        other => Err(format!("{} is not a number", describe(other))),
-    }
+    let number = match value {
+        Bson::Int32(int) => Number::from_integer(i64::from(*int)),
+        Bson::Int64(int) => Number::from_integer(*int),
+        Bson::Double(double) => from_double(*double)?,
+        Bson::Decimal128(decimal) => {
+            // A decimal128 that is neither NaN nor an infinity displays as digits, so
+            // parse_text fails on it only when it is beyond the range of a double.
+            match parse_text(&decimal.to_string()) {
+                Ok(number) => number,
+                Err(_) if is_nan_or_infinity(decimal) => {
+                    return Err(format!("decimal128 {decimal} is not a finite number"))
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "decimal128 {decimal} is beyond the range of a double"
+                    ))
+                }
+            }
+        }
+        Bson::String(text) => parse_text(text)?,
+        other => return Err(format!("{} is not a number", describe(other))),
+    };
+
+    // -0.0 == 0.0, so this turns negative zero into positive zero and keeps other values.
+    let value = if number.value == 0.0 {
+        0.0
+    } else {
+        number.value
+    };
+    Ok(Number { value, ..number })
+}
+
+/// Checks whether a decimal128 is NaN or an infinity, the values that no target stores.
+pub fn is_nan_or_infinity(decimal: &Decimal128) -> bool {
+    // Display writes NaN as "NaN" or "sNaN" and infinities as "Infinity" or "-Infinity".
+    let text = decimal.to_string();
+    text.ends_with("NaN") || text.ends_with("Infinity")
 }
 
 /// Reads a non-negative whole number, such as a count of cases or survey answers.
 ///
 /// # Errors
 ///
-/// A reason fragment naming the value when it is not a number, not whole or negative.
+/// A reason fragment naming the value when it is not a number, not whole, negative or above
+/// 2^53.
 pub fn parse_count(value: &Bson) -> Result<i64, String> {
     const RULE: &str = "counts must be whole numbers >= 0";
     let number = parse(value).map_err(|reason| format!("{reason}; {RULE}"))?;
-    let Some(whole) = number.whole else {
-        return Err(format!("{} is not a whole number; {RULE}", describe(value)));
-    };
-    if whole < 0 {
-        return Err(format!("{} is negative; {RULE}", describe(value)));
+    match number.integer {
+        Integer::Fraction => Err(format!("{} is not a whole number; {RULE}", describe(value))),
+        _ if number.value < 0.0 => Err(format!("{} is negative; {RULE}", describe(value))),
+        Integer::TooLarge => Err(format!(
+            "{} is too large; counts must be whole numbers from 0 to {MAX_EXACT_INTEGER}",
+            describe(value)
+        )),
+        Integer::Exact(whole) => Ok(whole),
     }
-    Ok(whole)
 }
 
 /// Reads a non-negative number, such as an average solution time.
@@ -81,9 +124,14 @@ pub fn parse_percent(value: &Bson) -> Result<f64, String> {
 
 impl Number {
     fn from_integer(int: i64) -> Number {
+        let integer = if int.unsigned_abs() > MAX_EXACT_INTEGER.unsigned_abs() {
+            Integer::TooLarge
+        } else {
+            Integer::Exact(int)
+        };
         Number {
             value: int as f64,
-            whole: Some(int),
+            integer,
         }
     }
 }
@@ -92,11 +140,16 @@ fn from_double(double: f64) -> Result<Number, String> {
     if !double.is_finite() {
         return Err(format!("{double} is not a finite number"));
     }
-    let whole =
-        (double.fract() == 0.0 && double.abs() <= MAX_EXACT_INTEGER).then_some(double as i64);
+    let integer = if double.fract() != 0.0 {
+        Integer::Fraction
+    } else if double.abs() > MAX_EXACT_INTEGER as f64 {
+        Integer::TooLarge
+    } else {
+        Integer::Exact(double as i64)
+    };
     Ok(Number {
         value: double,
-        whole,
+        integer,
     })
 }
 
@@ -133,7 +186,11 @@ fn parse_text(raw: &str) -> Result<Number, String> {
     };
     let value: f64 = text.parse().map_err(|_| invalid())?;
     if !value.is_finite() {
-        return Err(format!("{:?} is not a finite number", truncate(raw)));
+        // The digits were checked above, so an infinite result means the decimal overflowed.
+        return Err(format!(
+            "{:?} is beyond the range of a double",
+            truncate(raw)
+        ));
     }
 
     // The value is whole when no non-zero digit stands right of the decimal point once the
@@ -144,8 +201,44 @@ fn parse_text(raw: &str) -> Result<Number, String> {
     let is_whole = digits[first_fraction_digit..]
         .iter()
         .all(|digit| *digit == b'0');
-    let whole = (is_whole && value.abs() <= MAX_EXACT_INTEGER).then_some(value as i64);
-    Ok(Number { value, whole })
+    let integer = if !is_whole {
+        Integer::Fraction
+    } else if exceeds_max_exact(&digits, point) {
+        Integer::TooLarge
+    } else {
+        // Every whole number up to 2^53 parses to exactly its double, so the cast is exact.
+        Integer::Exact(value as i64)
+    };
+    Ok(Number { value, integer })
+}
+
+/// Checks whether a whole number is above 2^53 in magnitude. The number is `digits` with the
+/// decimal point after the first `point` of them, padded with zeros when `point` is larger.
+/// The check uses the digits because the parsed double rounds: "9007199254740993" parses to
+/// 2^53.
+fn exceeds_max_exact(digits: &[u8], point: i64) -> bool {
+    let integer_digit_count = point.clamp(0, digits.len() as i64) as usize;
+    let integer_digits = &digits[..integer_digit_count];
+    let leading_zeros = integer_digits
+        .iter()
+        .take_while(|digit| **digit == b'0')
+        .count();
+    let significant = &integer_digits[leading_zeros..];
+    if significant.is_empty() {
+        return false;
+    }
+    let trailing_zeros = point.saturating_sub(digits.len() as i64).max(0);
+
+    // 2^53 has 16 digits, so any integer with more exceeds it and one with at most 16 fits a
+    // u64.
+    let max_digits = MAX_EXACT_INTEGER.to_string().len() as i64;
+    if significant.len() as i64 + trailing_zeros > max_digits {
+        return true;
+    }
+    let magnitude = significant.iter().fold(0_u64, |magnitude, digit| {
+        magnitude * 10 + u64::from(digit - b'0')
+    }) * 10_u64.pow(trailing_zeros as u32);
+    magnitude > MAX_EXACT_INTEGER.unsigned_abs()
 }
 
 /// Renders a BSON value for a reject reason, shortened so one reason stays one line.
@@ -170,7 +263,6 @@ fn truncate(text: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mongodb::bson::Decimal128;
 
     fn decimal(text: &str) -> Bson {
         Bson::Decimal128(
@@ -221,7 +313,6 @@ mod tests {
             (Bson::Double(f64::INFINITY), "not a finite number"),
             (decimal("NaN"), "not a finite number"),
             (Bson::Boolean(true), "is not a number"),
-            (Bson::Double(1e300), "not a whole number"),
         ];
         for (value, expected) in cases {
             match parse_count(&value) {
@@ -259,5 +350,99 @@ mod tests {
     fn describe_shortens_long_strings() {
         let long = "x".repeat(200);
         assert_eq!(describe(&Bson::String(long)).len(), 62);
+    }
+
+    #[test]
+    fn counts_beyond_two_pow_53_too_large() {
+        let cases = [
+            Bson::Double(1e20),
+            Bson::Double(1e300),
+            Bson::Double(9_007_199_254_740_994.0),
+            Bson::String("1e20".into()),
+            Bson::String("9007199254740993".into()),
+            Bson::String("90071992547409930e-1".into()),
+            decimal("1E+20"),
+            decimal("9007199254740993"),
+            Bson::Int64(9_007_199_254_740_993),
+            Bson::Int64(i64::MAX),
+        ];
+        for value in cases {
+            let reason = parse_count(&value).expect_err("count beyond 2^53");
+            assert!(
+                reason.contains(
+                    " is too large; counts must be whole numbers from 0 to 9007199254740992"
+                ),
+                "{value:?}: {reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn counts_up_to_two_pow_53_accepted() {
+        let cases = [
+            Bson::Double(9_007_199_254_740_992.0),
+            Bson::String("9007199254740992".into()),
+            Bson::String("9.007199254740992e15".into()),
+            decimal("9007199254740992"),
+            Bson::Int64(9_007_199_254_740_992),
+        ];
+        for value in cases {
+            assert_eq!(parse_count(&value), Ok(9_007_199_254_740_992), "{value:?}");
+        }
+        let reason = parse_count(&Bson::Double(-1e20)).expect_err("negative count");
+        assert!(
+            reason.contains("-100000000000000000000 is negative"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn numbers_beyond_double_range_named() {
+        let cases = [
+            (
+                Bson::String("1e400".into()),
+                "\"1e400\" is beyond the range of a double",
+            ),
+            (
+                Bson::String("-1e400".into()),
+                "\"-1e400\" is beyond the range of a double",
+            ),
+            (
+                decimal("1E+400"),
+                "decimal128 1E+400 is beyond the range of a double",
+            ),
+        ];
+        for (value, expected) in cases {
+            let reason = parse_count(&value).expect_err("count beyond the range of a double");
+            assert!(reason.contains(expected), "{value:?}: {reason}");
+            let reason = parse_non_negative(&value).expect_err("time beyond the range of a double");
+            assert!(reason.contains(expected), "{value:?}: {reason}");
+        }
+        let reason = parse(&decimal("-Infinity")).expect_err("decimal128 infinity");
+        assert_eq!(reason, "decimal128 -Infinity is not a finite number");
+    }
+
+    #[test]
+    fn negative_zero_read_as_zero() {
+        let cases = [
+            Bson::Double(-0.0),
+            Bson::String("-0".into()),
+            Bson::String("-0.0e1".into()),
+            decimal("-0"),
+        ];
+        for value in cases {
+            let time = parse_non_negative(&value).expect("zero is a valid time");
+            assert_eq!(
+                time.to_bits(),
+                0.0_f64.to_bits(),
+                "{value:?} read as {time}"
+            );
+            let percent = parse_percent(&value).expect("zero is a valid percentage");
+            assert_eq!(
+                percent.to_bits(),
+                0.0_f64.to_bits(),
+                "{value:?} read as {percent}"
+            );
+        }
     }
 }
