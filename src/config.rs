@@ -3,15 +3,18 @@
 //!
 //! Precedence, highest first: the `--config` flag (which file to read), environment variables
 //! (`PERFAGG_MONGODB_URI`, `PERFAGG_DATABASE`, `PERFAGG_LOG`, `PERFAGG_LOG_FORMAT`), the file,
-//! then the defaults below. [`Config::load`] reports every invalid key at once, each named with
-//! the file it came from, so an operator fixes a file in one pass.
+//! then the defaults below. [`Config::load`] reports every problem at once, each named with its
+//! file key and line or with the environment variable that set the value, so an operator fixes
+//! a file in one pass.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::NaiveDate;
 use chrono_tz::Tz;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -116,7 +119,8 @@ pub struct LeaseSettings {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogSettings {
-    /// A `tracing` filter such as `info` or `perfagg=debug`.
+    /// A `tracing` filter whose every directive names a level, such as `info` or
+    /// `perfagg=debug,warn`.
     pub level: String,
     pub format: LogFormat,
 }
@@ -260,24 +264,25 @@ impl Config {
     /// # Errors
     ///
     /// [`Error::ConfigRead`] when an explicitly named file cannot be read, and
-    /// [`Error::Config`] listing every unknown key, wrong type and invalid value.
+    /// [`Error::Config`] listing the syntax error or every unknown section or key, wrong type
+    /// and invalid value.
     pub fn load(path: Option<&Path>, environment: &Environment) -> Result<Config, Error> {
         let path = match path {
             Some(path) => Some(path.to_path_buf()),
             None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|path| path.exists()),
         };
+        let mut problems = Problems::default();
         let (raw, origin) = match &path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
                     path: path.display().to_string(),
                     source,
                 })?;
-                let origin = path.display().to_string();
-                (parse_raw(&text, &origin)?, origin)
+                (parse_raw(&text, &mut problems), path.display().to_string())
             }
             None => (RawConfig::default(), "built-in defaults".to_string()),
         };
-        validate(raw, environment, origin)
+        validate(raw, environment, origin, problems)
     }
 
     /// Parses configuration text as if read from the file named `origin`, then applies
@@ -287,8 +292,9 @@ impl Config {
     ///
     /// [`Error::Config`] as for [`Config::load`].
     pub fn from_toml(text: &str, origin: &str, environment: &Environment) -> Result<Config, Error> {
-        let raw = parse_raw(text, origin)?;
-        validate(raw, environment, origin.to_string())
+        let mut problems = Problems::default();
+        let raw = parse_raw(text, &mut problems);
+        validate(raw, environment, origin.to_string(), problems)
     }
 
     /// Renders the effective settings as TOML, with the password in the URI masked.
@@ -377,6 +383,32 @@ pub fn mask_uri(uri: &str) -> String {
 // The raw file format. Every field is optional so that a missing key falls back to the
 // environment or the default, and unknown keys are errors.
 
+/// Every section of the file and the keys it takes. [`parse_raw`] reports and removes any other
+/// section or key before serde reads the file, so that all of them are reported at once. Keep
+/// it in step with the raw structs below, which `known_keys_match_raw_structs` checks. The keys
+/// of `[fields.metrics]` and `[fields.surveys]` are checked by `apply_field_table`.
+const KNOWN_KEYS: [(&str, &[&str]); 8] = [
+    ("mongodb", &["uri", "database"]),
+    (
+        "collections",
+        &["metrics", "surveys", "target", "state", "rejects"],
+    ),
+    (
+        "merge",
+        &[
+            "default_satisfaction",
+            "timezone",
+            "missing_date",
+            "min_date",
+        ],
+    ),
+    ("batch", &["max_events", "max_wait_ms"]),
+    ("state", &["checkpoint_seconds"]),
+    ("lease", &["ttl_seconds"]),
+    ("log", &["level", "format"]),
+    ("fields", &["metrics", "surveys"]),
+];
+
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -451,58 +483,353 @@ struct RawFields {
     surveys: Option<toml::map::Map<String, toml::Value>>,
 }
 
-fn parse_raw(text: &str, origin: &str) -> Result<RawConfig, Error> {
-    let deserializer = toml::Deserializer::new(text);
-    serde_path_to_error::deserialize(deserializer).map_err(|error| {
-        let key = error.path().to_string();
-        let message = error.inner().message().trim().to_string();
-        let line = error
-            .inner()
-            .span()
-            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
-        let location = line
-            .map(|line| format!(" (line {line})"))
-            .unwrap_or_default();
-        Error::Config {
-            origin: origin.to_string(),
-            problems: vec![format!("`{key}`{location}: {message}")],
+/// Reads the file's text into a [`RawConfig`], adding a problem for a syntax error, for each
+/// unknown section or key and for each value of the wrong type. A key with a problem is left
+/// out, so its default applies and validation still checks every other key.
+fn parse_raw(text: &str, problems: &mut Problems) -> RawConfig {
+    let mut table = match text.parse::<toml::Table>() {
+        Ok(table) => table,
+        Err(error) => {
+            let line = error.span().map(|span| line_of(text, span.start));
+            problems.add_syntax_error(line, &error.message().trim().replace('\n', ", "));
+            return RawConfig::default();
         }
-    })
-}
+    };
+    let lines = KeyLines::read(text);
+    remove_unknown_keys(&mut table, &lines, problems);
 
-/// Collects the problems of one validation pass.
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn add(&mut self, key: &str, message: impl std::fmt::Display) {
-        self.0.push(format!("`{key}`: {message}"));
+    // serde stops at the first value of the wrong type, so each one is reported and removed
+    // before the table is read again. Every pass removes a key, so the loop ends.
+    loop {
+        let value = toml::Value::Table(table.clone());
+        let error = match serde_path_to_error::deserialize::<_, RawConfig>(value) {
+            Ok(raw) => return raw,
+            Err(error) => error,
+        };
+        let key = error.path().to_string();
+        let path = key_path(error.path());
+        let line = path.as_deref().and_then(|path| lines.get(path));
+        let message = error.inner().message().trim();
+        let Some(value) = path
+            .as_deref()
+            .and_then(|path| remove_key(&mut table, path))
+        else {
+            problems.add_at(&key, line, message);
+            return RawConfig::default();
+        };
+        problems.add_at(&key, line, describe_type_error(message, &value));
     }
 }
 
-fn validate(raw: RawConfig, environment: &Environment, origin: String) -> Result<Config, Error> {
-    let mut problems = Problems(Vec::new());
+/// Adds a problem for each section and key of `table` that [`KNOWN_KEYS`] does not list, in
+/// the order of their lines, and removes them so that serde reads only known keys.
+fn remove_unknown_keys(table: &mut toml::Table, lines: &KeyLines, problems: &mut Problems) {
+    let mut unknown: Vec<(Vec<String>, String)> = Vec::new();
+    for (section, value) in table.iter() {
+        let Some((_, keys)) = KNOWN_KEYS.iter().find(|(known, _)| known == section) else {
+            let sections: Vec<&str> = KNOWN_KEYS.iter().map(|(known, _)| *known).collect();
+            let message = format!("unknown section; expected one of {}", sections.join(", "));
+            unknown.push((vec![section.clone()], message));
+            continue;
+        };
+        // A section that is not a table is left to serde, which reports its type.
+        let Some(entries) = value.as_table() else {
+            continue;
+        };
+        for key in entries.keys().filter(|key| !keys.contains(&key.as_str())) {
+            let message = format!("unknown key; expected one of {}", keys.join(", "));
+            unknown.push((vec![section.clone(), key.clone()], message));
+        }
+    }
+    unknown.sort_by_key(|(path, _)| lines.get(path));
 
+    for (path, message) in unknown {
+        problems.add_at(&path.join("."), lines.get(&path), message);
+        remove_key(table, &path);
+    }
+}
+
+/// Returns the keys of a serde path, or `None` when it passes through an array or enum.
+fn key_path(path: &serde_path_to_error::Path) -> Option<Vec<String>> {
+    path.iter()
+        .map(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Removes the key at `path` from nested tables and returns its value.
+fn remove_key(table: &mut toml::Table, path: &[String]) -> Option<toml::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut current = table;
+    for key in parents {
+        current = current.get_mut(key)?.as_table_mut()?;
+    }
+    current.remove(last)
+}
+
+/// Rewrites serde's message for a value of the wrong type or range as what the key takes and
+/// the value found. Other messages are returned unchanged.
+fn describe_type_error(message: &str, value: &toml::Value) -> String {
+    let is_type_error = ["invalid type: ", "invalid value: ", "unknown variant "]
+        .iter()
+        .any(|start| message.starts_with(start));
+    let Some((_, expected)) = message.rsplit_once(", expected ") else {
+        return message.to_string();
+    };
+    if !is_type_error {
+        return message.to_string();
+    }
+
+    let found = match value {
+        toml::Value::Table(_) => "a table".to_string(),
+        toml::Value::Array(_) => "an array".to_string(),
+        other => other.to_string(),
+    };
+    format!("expected {}, found {found}", plain_expectation(expected))
+}
+
+/// Translates the Rust type names that serde puts after "expected" into what a TOML key takes.
+fn plain_expectation(expected: &str) -> &str {
+    match expected {
+        "u64" => "a whole number >= 0",
+        "f64" => "a number",
+        "a map" => "a table",
+        // toml 0.8's wording when an enum key such as `merge.missing_date` gets a non-string.
+        "string only" => "a string",
+        _ if expected.starts_with("struct ") => "a table",
+        _ => expected,
+    }
+}
+
+/// Returns the line, counted from 1, that byte `offset` of `text` is on.
+fn line_of(text: &str, offset: usize) -> usize {
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    before.iter().filter(|byte| **byte == b'\n').count() + 1
+}
+
+/// The line of each key in the file, by path. A [`toml::Table`] keeps no positions, so the
+/// text is read a second time through serde, whose keys can carry their byte span.
+#[derive(Debug, Default)]
+struct KeyLines(BTreeMap<Vec<String>, usize>);
+
+impl KeyLines {
+    /// Reads the line of every key in `text`, which must already have parsed as TOML.
+    fn read(text: &str) -> KeyLines {
+        let mut lines = BTreeMap::new();
+        let walk = KeyWalk {
+            text,
+            path: Vec::new(),
+            lines: &mut lines,
+        };
+        // The text parsed once already, so the walk has nothing left to fail on. If it did
+        // fail, problems would only lack their line numbers.
+        let _ = walk.deserialize(toml::Deserializer::new(text));
+        KeyLines(lines)
+    }
+
+    fn get(&self, path: &[String]) -> Option<usize> {
+        self.0.get(path).copied()
+    }
+}
+
+/// A serde visitor that records the line of every key below `path`.
+struct KeyWalk<'a> {
+    text: &'a str,
+    path: Vec<String>,
+    lines: &'a mut BTreeMap<Vec<String>, usize>,
+}
+
+impl<'de> DeserializeSeed<'de> for KeyWalk<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyWalk<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a TOML value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    /// Skips arrays, because no known key is inside one.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        while items.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<(), A::Error> {
+        loop {
+            // toml 0.8 also hands a datetime over as a map, whose one key has no span and so
+            // cannot be read as `Spanned`. A datetime has no keys to record, so stop there.
+            let Ok(next) = entries.next_key::<toml::Spanned<String>>() else {
+                return Ok(());
+            };
+            let Some(key) = next else {
+                return Ok(());
+            };
+
+            let mut path = self.path.clone();
+            path.push(key.get_ref().clone());
+            self.lines
+                .insert(path.clone(), line_of(self.text, key.span().start));
+            entries.next_value_seed(KeyWalk {
+                text: self.text,
+                path,
+                lines: &mut *self.lines,
+            })?;
+        }
+    }
+}
+
+/// The origin of a setting's value, named in a problem so the operator knows what to change.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// A key of the file, or its default.
+    File(&'static str),
+    /// An environment variable, which overrides the file key.
+    Environment(&'static str),
+}
+
+impl Source {
+    /// Returns `variable` when the environment set the value, else the file key `key`.
+    fn of_setting<T>(
+        environment_value: Option<&T>,
+        variable: &'static str,
+        key: &'static str,
+    ) -> Source {
+        match environment_value {
+            Some(_) => Source::Environment(variable),
+            None => Source::File(key),
+        }
+    }
+}
+
+/// Collects the problems of one load, each starting with the file key or environment variable
+/// it concerns, and notes which of the two they came from so the error names that origin.
+#[derive(Debug, Default)]
+struct Problems {
+    list: Vec<String>,
+    in_file: bool,
+    in_environment: bool,
+}
+
+impl Problems {
+    /// Adds a problem with the file key `key`.
+    fn add(&mut self, key: &str, message: impl fmt::Display) {
+        self.add_at(key, None, message);
+    }
+
+    /// Adds a problem with the file key `key` on `line`, when known.
+    fn add_at(&mut self, key: &str, line: Option<usize>, message: impl fmt::Display) {
+        let location = line
+            .map(|line| format!(" (line {line})"))
+            .unwrap_or_default();
+        self.list.push(format!("`{key}`{location}: {message}"));
+        self.in_file = true;
+    }
+
+    /// Adds a problem with the environment variable `variable`.
+    fn add_variable(&mut self, variable: &str, message: impl fmt::Display) {
+        self.list.push(format!("`{variable}`: {message}"));
+        self.in_environment = true;
+    }
+
+    /// Adds a problem with the setting that `source` names.
+    fn add_for(&mut self, source: Source, message: impl fmt::Display) {
+        match source {
+            Source::File(key) => self.add(key, message),
+            Source::Environment(variable) => self.add_variable(variable, message),
+        }
+    }
+
+    /// Adds a TOML syntax error, which belongs to no key.
+    fn add_syntax_error(&mut self, line: Option<usize>, message: &str) {
+        let location = line
+            .map(|line| format!(" at line {line}"))
+            .unwrap_or_default();
+        self.list.push(format!("syntax error{location}: {message}"));
+        self.in_file = true;
+    }
+
+    /// Returns the error listing every problem, or `None` when there is none. The error's
+    /// origin is the file, the environment or both, as the problems came from.
+    fn into_error(self, origin: &str) -> Option<Error> {
+        if self.list.is_empty() {
+            return None;
+        }
+        let origin = match (self.in_file, self.in_environment) {
+            (false, true) => "the environment".to_string(),
+            (true, true) => format!("{origin} and the environment"),
+            (_, false) => origin.to_string(),
+        };
+        Some(Error::Config {
+            origin,
+            problems: self.list,
+        })
+    }
+}
+
+/// Applies `environment` and the defaults to `raw`, checks every value and returns the
+/// configuration, or the error listing `problems` (those found while reading the file) and
+/// every invalid value.
+fn validate(
+    raw: RawConfig,
+    environment: &Environment,
+    origin: String,
+    mut problems: Problems,
+) -> Result<Config, Error> {
     let mongodb = raw.mongodb.unwrap_or_default();
+    let uri_source = Source::of_setting(environment.uri.as_ref(), ENV_URI, "mongodb.uri");
     let uri = environment
         .uri
         .clone()
         .or(mongodb.uri)
         .unwrap_or_else(|| DEFAULT_URI.to_string());
     if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
-        problems.add(
-            "mongodb.uri",
+        problems.add_for(
+            uri_source,
             format_args!(
                 "`{}` is not a MongoDB connection string; it must start with mongodb:// or mongodb+srv://",
                 mask_uri(&uri)
             ),
         );
     }
+    let database_source = Source::of_setting(
+        environment.database.as_ref(),
+        ENV_DATABASE,
+        "mongodb.database",
+    );
     let database = environment
         .database
         .clone()
         .or(mongodb.database)
         .unwrap_or_else(|| DEFAULT_DATABASE.to_string());
-    check_database_name(&database, &mut problems);
+    check_database_name(&database, database_source, &mut problems);
 
     let collections = raw.collections.unwrap_or_default();
     let collections = Collections {
@@ -550,6 +877,7 @@ fn validate(raw: RawConfig, environment: &Environment, origin: String) -> Result
         );
         NaiveDate::MIN
     });
+    check_min_date_is_past(min_date, &mut problems);
 
     let batch = raw.batch.unwrap_or_default();
     let max_events = batch.max_events.unwrap_or(DEFAULT_MAX_EVENTS as u64);
@@ -587,35 +915,7 @@ fn validate(raw: RawConfig, environment: &Environment, origin: String) -> Result
         );
     }
 
-    let log = raw.log.unwrap_or_default();
-    let level = environment
-        .log
-        .clone()
-        .or(log.level)
-        .unwrap_or_else(|| "info".to_string());
-    if let Err(error) = tracing_subscriber::EnvFilter::try_new(&level) {
-        let key = if environment.log.is_some() {
-            ENV_LOG
-        } else {
-            "log.level"
-        };
-        problems.add(
-            key,
-            format_args!("`{level}` is not a log filter ({error}); use a level such as `info` or `perfagg=debug`"),
-        );
-    }
-    let format = match environment.log_format.as_deref() {
-        Some("text") => LogFormat::Text,
-        Some("json") => LogFormat::Json,
-        Some(other) => {
-            problems.add(
-                ENV_LOG_FORMAT,
-                format_args!("`{other}` is not a log format; use `text` or `json`"),
-            );
-            LogFormat::Text
-        }
-        None => log.format.unwrap_or(LogFormat::Text),
-    };
+    let log = read_log_settings(raw.log.unwrap_or_default(), environment, &mut problems);
 
     let raw_fields = raw.fields.unwrap_or_default();
     let mut metrics = MetricsFields::default();
@@ -649,11 +949,8 @@ fn validate(raw: RawConfig, environment: &Environment, origin: String) -> Result
     }
     check_field_overlap("fields.surveys", &surveys.all(), &mut problems);
 
-    if !problems.0.is_empty() {
-        return Err(Error::Config {
-            origin,
-            problems: problems.0,
-        });
+    if let Some(error) = problems.into_error(&origin) {
+        return Err(error);
     }
     Ok(Config {
         origin,
@@ -675,27 +972,133 @@ fn validate(raw: RawConfig, environment: &Environment, origin: String) -> Result
         lease: LeaseSettings {
             ttl: Duration::from_secs(ttl_seconds),
         },
-        log: LogSettings { level, format },
+        log,
         fields: FieldNames { metrics, surveys },
     })
 }
 
-fn check_database_name(database: &str, problems: &mut Problems) {
+fn check_database_name(database: &str, source: Source, problems: &mut Problems) {
     if database.is_empty() {
-        problems.add("mongodb.database", "must not be empty");
+        problems.add_for(source, "must not be empty");
     } else if database.len() > 63 {
-        problems.add(
-            "mongodb.database",
+        problems.add_for(
+            source,
             format_args!("`{database}` is longer than MongoDB's 63-byte limit"),
         );
     } else if let Some(bad) = database.chars().find(|c| "/\\. \"$".contains(*c)) {
-        problems.add(
-            "mongodb.database",
+        problems.add_for(
+            source,
             format_args!(
                 "`{database}` contains `{bad}`, which MongoDB does not allow in database names"
             ),
         );
     }
+}
+
+/// Adds a problem when `min_date` is after today in UTC. Staging documents dated before it are
+/// rejected, so a future day would reject nearly every staging document.
+fn check_min_date_is_past(min_date: NaiveDate, problems: &mut Problems) {
+    let today = chrono::Utc::now().date_naive();
+    if min_date > today {
+        problems.add(
+            "merge.min_date",
+            format_args!(
+                "{min_date} is after today ({today} in UTC); staging documents dated before \
+                 min_date are rejected, so use a past day such as {DEFAULT_MIN_DATE}"
+            ),
+        );
+    }
+}
+
+/// Level names that `tracing` accepts in a log filter, compared without case.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// The fix given with every invalid log filter.
+const LOG_FILTER_FIX: &str = "use a level such as info, or target=level such as perfagg=debug";
+
+/// Applies `environment` and the default to the `[log]` section and checks both settings.
+fn read_log_settings(
+    log: RawLog,
+    environment: &Environment,
+    problems: &mut Problems,
+) -> LogSettings {
+    let level_source = Source::of_setting(environment.log.as_ref(), ENV_LOG, "log.level");
+    let level = environment
+        .log
+        .clone()
+        .or(log.level)
+        .unwrap_or_else(|| "info".to_string());
+    check_log_filter(&level, level_source, problems);
+
+    let format = match environment.log_format.as_deref() {
+        Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            problems.add_variable(
+                ENV_LOG_FORMAT,
+                format_args!("`{other}` is not a log format; use `text` or `json`"),
+            );
+            LogFormat::Text
+        }
+        None => log.format.unwrap_or(LogFormat::Text),
+    };
+    LogSettings { level, format }
+}
+
+/// Adds a problem unless every comma-separated directive of `filter` is a level name or ends
+/// in `=level`. `EnvFilter` alone would accept a typo such as `inf` as a target name, and a
+/// filter of unknown targets silences the daemon.
+fn check_log_filter(filter: &str, source: Source, problems: &mut Problems) {
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|directive| !directive.is_empty())
+        .collect();
+    if directives.is_empty() {
+        problems.add_for(
+            source,
+            format_args!("the log filter `{filter}` names no level; {LOG_FILTER_FIX}"),
+        );
+        return;
+    }
+
+    let levels = LOG_LEVELS.join(", ");
+    let reasons: Vec<String> = directives
+        .iter()
+        .filter_map(|directive| match directive.rsplit_once('=') {
+            None if !is_log_level(directive) => {
+                Some(format!("`{directive}` is not one of the levels {levels}"))
+            }
+            Some((_, level)) if !is_log_level(level) => Some(format!(
+                "`{directive}` does not end in one of the levels {levels}"
+            )),
+            _ => None,
+        })
+        .collect();
+    if !reasons.is_empty() {
+        problems.add_for(
+            source,
+            format_args!(
+                "invalid log filter `{filter}`: {}; {LOG_FILTER_FIX}",
+                reasons.join(", and ")
+            ),
+        );
+        return;
+    }
+
+    // The directives name levels, but a span or field part can still be malformed.
+    if let Err(error) = tracing_subscriber::EnvFilter::try_new(filter) {
+        problems.add_for(
+            source,
+            format_args!("`{filter}` is not a log filter ({error}); {LOG_FILTER_FIX}"),
+        );
+    }
+}
+
+fn is_log_level(word: &str) -> bool {
+    LOG_LEVELS
+        .iter()
+        .any(|level| level.eq_ignore_ascii_case(word.trim()))
 }
 
 fn check_collections(collections: &Collections, problems: &mut Problems) {
@@ -949,5 +1352,265 @@ mod tests {
         let reparsed = load(&rendered).expect("rendered settings parse");
         assert_eq!(reparsed.fields, config.fields);
         assert_eq!(reparsed.merge, config.merge);
+    }
+
+    fn problems_with(text: &str, environment: &Environment) -> (String, Vec<String>) {
+        match Config::from_toml(text, "test.toml", environment) {
+            Err(Error::Config { origin, problems }) => (origin, problems),
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    }
+
+    /// Pins that a log filter with a directive that names no level is rejected, from the file
+    /// and from `PERFAGG_LOG`.
+    #[test]
+    fn log_filter_rejects_non_level() {
+        for level in [
+            "inf",
+            "warning",
+            "lots",
+            "perfagg=lots",
+            "info,inf",
+            "perfagg",
+            "",
+        ] {
+            let text = format!("[log]\nlevel = \"{level}\"\n");
+            let joined = problems(&text).join("\n");
+            assert!(joined.starts_with("`log.level`: "), "{level}: {joined}");
+            assert!(joined.contains(&format!("`{level}`")), "{level}: {joined}");
+            assert!(
+                joined.contains("use a level such as info, or target=level such as perfagg=debug"),
+                "{level}: {joined}"
+            );
+
+            let environment = Environment {
+                log: Some(level.to_string()),
+                ..Environment::default()
+            };
+            let (_, found) = problems_with("", &environment);
+            let joined = found.join("\n");
+            assert!(joined.starts_with("`PERFAGG_LOG`: "), "{level}: {joined}");
+        }
+    }
+
+    /// Pins the filters that stay valid: level names in any case and `target=level` directives.
+    #[test]
+    fn log_filter_accepts_levels_and_targets() {
+        for level in [
+            "info",
+            "INFO",
+            "Off",
+            "trace",
+            "perfagg=debug",
+            "perfagg=debug,warn",
+            "perfagg[run]=debug",
+            "perfagg::sink=trace,mongodb=warn,info,",
+        ] {
+            let text = format!("[log]\nlevel = \"{level}\"\n");
+            let config = load(&text).unwrap_or_else(|error| panic!("{level}: {error}"));
+            assert_eq!(config.log.level, level);
+        }
+    }
+
+    /// Pins that a value set by `PERFAGG_MONGODB_URI` or `PERFAGG_DATABASE` is blamed on that
+    /// variable and on the environment, not on the file key and the file.
+    #[test]
+    fn environment_problem_names_variable() {
+        let environment = Environment {
+            uri: Some("http://x".into()),
+            database: Some("a.b".into()),
+            ..Environment::default()
+        };
+        let text = "[mongodb]\nuri = \"mongodb://a:1/\"\ndatabase = \"x\"\n";
+        let (origin, found) = problems_with(text, &environment);
+        assert_eq!(origin, "the environment");
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].starts_with("`PERFAGG_MONGODB_URI`: `http://x`"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("`PERFAGG_DATABASE`: `a.b`"),
+            "{found:?}"
+        );
+
+        let (origin, found) = problems_with("[batch]\nmax_events = 0\n", &environment);
+        assert_eq!(origin, "test.toml and the environment");
+        assert!(found[0].starts_with("`PERFAGG_MONGODB_URI`"), "{found:?}");
+        assert!(found
+            .iter()
+            .any(|problem| problem.starts_with("`batch.max_events`")));
+
+        let (origin, found) =
+            problems_with("[mongodb]\nuri = \"http://y\"\n", &Environment::default());
+        assert_eq!(origin, "test.toml");
+        assert!(
+            found[0].starts_with("`mongodb.uri`: `http://y`"),
+            "{found:?}"
+        );
+    }
+
+    /// Pins that every unknown section and key is reported with its line, in file order, along
+    /// with wrong types and invalid values found in the same file.
+    #[test]
+    fn unknown_keys_all_reported() {
+        let text = "[mongodb]\n\
+                    url = \"mongodb://a:1/\"\n\
+                    [merge]\n\
+                    min_date = 2000-01-01\n\
+                    timezone = \"Nowhere/City\"\n\
+                    zone = \"UTC\"\n\
+                    [batchs]\n\
+                    max_events = 3\n\
+                    [batch]\n\
+                    max_events = \"many\"\n\
+                    max_event = 3\n\
+                    [lease]\n\
+                    ttl_seconds = 0\n\
+                    ttl = 5\n";
+        let found = problems(text);
+        assert_eq!(
+            found[..4],
+            [
+                "`mongodb.url` (line 2): unknown key; expected one of uri, database",
+                "`merge.zone` (line 6): unknown key; expected one of default_satisfaction, \
+                 timezone, missing_date, min_date",
+                "`batchs` (line 7): unknown section; expected one of mongodb, collections, merge, \
+                 batch, state, lease, log, fields",
+                "`batch.max_event` (line 11): unknown key; expected one of max_events, max_wait_ms",
+            ]
+        );
+        assert_eq!(
+            found[4],
+            "`lease.ttl` (line 14): unknown key; expected one of ttl_seconds"
+        );
+        let joined = found.join("\n");
+        assert!(
+            joined.contains("`batch.max_events` (line 10): expected a whole number"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("unknown time zone `Nowhere/City`"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("`lease.ttl_seconds`: 0 is outside"),
+            "{joined}"
+        );
+        assert_eq!(found.len(), 8, "{joined}");
+    }
+
+    /// Pins that `KNOWN_KEYS` lists exactly the sections and keys of the raw structs.
+    #[test]
+    fn known_keys_match_raw_structs() {
+        let config = load("").expect("defaults are valid");
+        let rendered = toml::Value::try_from(config.to_raw()).expect("raw settings serialize");
+        let mut rendered_keys = BTreeSet::new();
+        for (section, value) in rendered.as_table().expect("top level is a table") {
+            for key in value.as_table().expect("each section is a table").keys() {
+                rendered_keys.insert(format!("{section}.{key}"));
+            }
+        }
+        let known_keys: BTreeSet<String> = KNOWN_KEYS
+            .iter()
+            .flat_map(|(section, keys)| keys.iter().map(move |key| format!("{section}.{key}")))
+            .collect();
+        assert_eq!(known_keys, rendered_keys);
+    }
+
+    /// Pins that a line number counts from 1 when the key or error starts its line.
+    #[test]
+    fn problem_line_counts_from_one() {
+        let found = problems("[batch]\nmax_event = 3\n");
+        assert!(
+            found[0].starts_with("`batch.max_event` (line 2): "),
+            "{found:?}"
+        );
+
+        let found = problems("\n\n[merge]\ntimezone = 3\n");
+        assert!(
+            found[0].starts_with("`merge.timezone` (line 4): "),
+            "{found:?}"
+        );
+
+        let found = problems("a = 1\na = 2\n");
+        assert!(
+            found[0].starts_with("syntax error at line 2: "),
+            "{found:?}"
+        );
+
+        assert_eq!(line_of("", 0), 1);
+        assert_eq!(line_of("a\nb", 2), 2);
+        assert_eq!(line_of("a\n", 99), 2);
+    }
+
+    /// Pins that a TOML syntax error names its line and no key.
+    #[test]
+    fn syntax_error_has_no_key() {
+        let found = problems("[merge]\ntimezone = \"UTC\"\n[batch\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("syntax error at line 3: "),
+            "{found:?}"
+        );
+        assert!(!found[0].contains('\n'), "{found:?}");
+    }
+
+    /// Pins that a value of the wrong type is described in TOML terms, with its key and line,
+    /// and that every such value in the file is reported.
+    #[test]
+    fn wrong_type_in_plain_words() {
+        let text = "[batch]\n\
+                    max_events = \"many\"\n\
+                    max_wait_ms = 1.5\n\
+                    [merge]\n\
+                    default_satisfaction = \"high\"\n\
+                    timezone = 3\n\
+                    missing_date = \"skip\"\n\
+                    [lease]\n\
+                    ttl_seconds = -1\n\
+                    [state]\n\
+                    checkpoint_seconds = [1]\n\
+                    [log]\n\
+                    format = 3\n";
+        let found = problems(text);
+        for expected in [
+            "`batch.max_events` (line 2): expected a whole number >= 0, found \"many\"",
+            "`batch.max_wait_ms` (line 3): expected a whole number >= 0, found 1.5",
+            "`merge.default_satisfaction` (line 5): expected a number, found \"high\"",
+            "`merge.timezone` (line 6): expected a string, found 3",
+            "`merge.missing_date` (line 7): expected `reject` or `event_day`, found \"skip\"",
+            "`lease.ttl_seconds` (line 9): expected a whole number >= 0, found -1",
+            "`state.checkpoint_seconds` (line 11): expected a whole number >= 0, found an array",
+            "`log.format` (line 13): expected a string, found 3",
+        ] {
+            assert!(
+                found.iter().any(|problem| problem == expected),
+                "missing {expected} in {found:#?}"
+            );
+        }
+        assert_eq!(found.len(), 8, "{found:#?}");
+
+        let found = problems("merge = 3\n");
+        assert_eq!(found, ["`merge` (line 1): expected a table, found 3"]);
+    }
+
+    /// Pins that `merge.min_date` may be today but not a later day.
+    #[test]
+    fn min_date_in_future_rejected() {
+        let found = problems("[merge]\nmin_date = \"2999-01-01\"\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("`merge.min_date`: 2999-01-01 is after today ("),
+            "{found:?}"
+        );
+        assert!(
+            found[0].contains("use a past day such as 2000-01-01"),
+            "{found:?}"
+        );
+
+        let today = chrono::Utc::now().date_naive();
+        let config = load(&format!("[merge]\nmin_date = \"{today}\"\n")).expect("today is valid");
+        assert_eq!(config.merge.min_date, today);
     }
 }

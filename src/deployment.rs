@@ -8,8 +8,8 @@ use mongodb::bson::{doc, Document};
 use mongodb::options::ClientOptions;
 use mongodb::Client;
 
-use crate::config::{mask_uri, Config};
-use crate::error::{Action, Error};
+use crate::config::{mask_uri, Config, Environment, ENV_URI};
+use crate::error::{describe, Action, Error};
 use crate::retry::{self, Failure};
 
 /// How long the driver looks for a suitable server before an operation fails; the
@@ -141,12 +141,21 @@ async fn parse_options(config: &Config) -> Result<ClientOptions, Error> {
         .map_err(|error| invalid_uri(config, &error))
 }
 
+/// Reports a URI the driver cannot use, naming the environment variable when it set the URI.
 fn invalid_uri(config: &Config, error: &mongodb::error::Error) -> Error {
+    let from_environment =
+        Environment::from_process().uri.as_deref() == Some(config.mongodb.uri.as_str());
+    let (origin, key) = if from_environment {
+        ("the environment".to_string(), ENV_URI)
+    } else {
+        (config.origin.clone(), "mongodb.uri")
+    };
     Error::Config {
-        origin: config.origin.clone(),
+        origin,
         problems: vec![format!(
-            "`mongodb.uri`: `{}` cannot be used: {error}",
-            mask_uri(&config.mongodb.uri)
+            "`{key}`: `{}` cannot be used: {}",
+            mask_uri(&config.mongodb.uri),
+            describe(error)
         )],
     }
 }
