@@ -3,7 +3,7 @@
 //! one document of the state collection. Standbys poll it and take over once it has expired.
 //!
 //! The lease alone cannot stop a paused leader whose clock is wrong, so every merge
-//! transaction is also fenced: the state store writes the stream position only while the
+//! transaction is also fenced. The state store writes the stream position only while the
 //! stream document still carries the writer's epoch, and a new holder claims that document
 //! with its own epoch before it reads the position (see `StateStore::claim`).
 
@@ -87,7 +87,7 @@ impl Lease {
     }
 
     /// Takes the lease if it is free, expired or already ours, raising its epoch.
-    /// Returns `None` while another owner holds it.
+    /// Returns `None` while another owner has it.
     ///
     /// # Errors
     ///
@@ -201,7 +201,7 @@ impl Lease {
         read_lease(&self.coll).await
     }
 
-    /// Extends the lease by its TTL. Returns false when another owner or epoch holds it.
+    /// Extends the lease by its TTL. Returns false when another owner or epoch has it.
     ///
     /// # Errors
     ///

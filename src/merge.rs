@@ -18,12 +18,12 @@ pub struct Key {
 }
 
 impl Key {
-    /// The target's `date` field: the day as `YYYY-MM-DD`.
+    /// Formats the target's `date` field: the day as `YYYY-MM-DD`.
     pub fn date_string(&self) -> String {
         self.date.format("%Y-%m-%d").to_string()
     }
 
-    /// The filter that selects this key's target document.
+    /// Builds the filter that selects this key's target document.
     pub fn filter(&self) -> Document {
         doc! {
             "entity_name": &self.entity_name,
@@ -92,7 +92,7 @@ impl Record {
         }
     }
 
-    /// The name of the target's `sources` entry this record writes.
+    /// Returns the name of the target's `sources` entry this record writes.
     pub fn source_name(&self) -> &'static str {
         match self {
             Record::Metrics(_) => "metrics",
@@ -101,7 +101,7 @@ impl Record {
     }
 }
 
-/// Where a merged record came from, stored in the target's `sources` entry.
+/// Origin of a merged record, stored in the target's `sources` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Provenance {
     pub staging_id: Bson,
@@ -274,14 +274,14 @@ fn take_document(document: &mut Document, field: &str) -> Document {
     }
 }
 
-/// A count as int32 when it fits, as n8n and the old webhook stored it, else int64.
+/// Converts a count to int32 when it fits, as n8n and the old webhook stored it, else int64.
 fn count(value: i64) -> Bson {
     i32::try_from(value)
         .map(Bson::Int32)
         .unwrap_or(Bson::Int64(value))
 }
 
-/// A percentage as int32 when whole, else as a double.
+/// Converts a percentage to int32 when whole, else to a double.
 fn percent(value: f64) -> Bson {
     if value.fract() == 0.0 {
         Bson::Int32(value as i32)

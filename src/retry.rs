@@ -1,6 +1,6 @@
 //! Retry decisions and backoff. Every decision about a driver error goes through
-//! [`classify`], which reads the server's error labels and, where labels say nothing, its
-//! error code; no other module matches on server codes.
+//! [`classify`], which reads the server's error labels and, where no label applies, its
+//! error code. No other module matches on server codes.
 
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ const DUPLICATE_KEY: i32 = 11000;
 /// path's own code for the same condition).
 const OBJECT_TOO_LARGE: [i32; 2] = [10334, 17419];
 
-/// What the caller should do after a driver error.
+/// Action a caller takes after a driver error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
     /// Abort and run the whole transaction again.
@@ -72,7 +72,7 @@ pub fn classify_write_error(code: i32) -> Failure {
     }
 }
 
-/// The server's error code carried by a driver error, for messages.
+/// Returns the server's error code carried by a driver error, for messages.
 pub fn server_code(error: &DriverError) -> Option<i32> {
     match error.kind.as_ref() {
         ErrorKind::Command(command) => Some(command.code),
@@ -84,13 +84,13 @@ pub fn server_code(error: &DriverError) -> Option<i32> {
 
 /// First pause before a whole transaction or a commit is retried.
 pub const TRANSACTION_BACKOFF_INITIAL: Duration = Duration::from_millis(20);
-/// Longest pause between transaction retries.
+/// Maximum pause between transaction retries.
 pub const TRANSACTION_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Transaction attempts before the error goes up to the supervisor, which reconnects.
 pub const TRANSACTION_ATTEMPTS: u32 = 8;
 /// First pause before the supervisor reconnects after a failure.
 pub const RECONNECT_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
-/// Longest pause between reconnects, so a server that comes back is noticed within this time.
+/// Maximum pause between reconnects, so a server that comes back is noticed within this time.
 pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(15);
 
 /// Capped exponential backoff: each [`Backoff::next_delay`] doubles the pause up to `max`.

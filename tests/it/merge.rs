@@ -109,7 +109,8 @@ fn metric(document: &Document, field: &str) -> Bson {
         .unwrap_or(Bson::Null)
 }
 
-/// The seed example merges to the documented record whichever source arrives first.
+/// John Doe's example (metrics 2.5 / 15, survey 13 / 2 / 0) merges to the documented record
+/// whichever source arrives first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_seed_example_both_orders() {
     let fixture = Fixture::start("merge_seed", "").await;
