@@ -1,7 +1,7 @@
 //! The daemon's main loop and its supervisor. The supervisor connects, checks the deployment,
 //! waits for the lease, loads the stored position and runs the pipeline (stream → decode →
 //! merge → sink). When MongoDB fails it logs the error, backs off and starts over from the
-//! stored position, which is always consistent with the merged data; when the lease is lost
+//! stored position, which is always consistent with the merged data. When the lease is lost
 //! it goes back to standing by. It stops for errors no retry can fix and when shutdown is
 //! requested, and then only between batches.
 
@@ -167,8 +167,8 @@ async fn run_pipeline(
     let mut last_stored = Instant::now();
     let mut last_reset_poll = Instant::now();
     loop {
-        // A pending reset stops the pipeline at this batch boundary; the fence would refuse
-        // the next commit anyway, and this notices it while the stream is idle too.
+        // A pending reset stops the pipeline at this batch boundary. The fence would reject
+        // the next commit anyway, but this check also notices it while the stream is idle.
         if last_reset_poll.elapsed() >= RESET_POLL_INTERVAL {
             if sink.state().is_reset_pending().await? {
                 return Err(Error::ResetRequested);
@@ -288,7 +288,7 @@ async fn start_pipeline<'a>(
     }
 }
 
-/// What [`acquire`] holds once this instance has the lease.
+/// Connection, lease and sink that [`acquire`] returns once this instance has the lease.
 struct Acquired<'a> {
     db: Database,
     deployment: deployment::Deployment,

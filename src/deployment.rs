@@ -1,5 +1,5 @@
 //! Connecting to MongoDB and checking that the deployment can serve change streams and
-//! transactions. A standalone mongod is refused with an error that says how to fix it,
+//! transactions. A standalone mongod gets an error that explains how to fix it,
 //! including when the URI names a replica set that the server is not part of.
 
 use std::time::Duration;
@@ -18,7 +18,7 @@ const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long each direct probe of a seed host may take when looking for a standalone.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// What the check learned about the deployment, for `check-config` and the start-up log.
+/// Facts the check learned about the deployment, for `check-config` and the start-up log.
 #[derive(Debug, Clone)]
 pub struct Deployment {
     /// Replica set name, or `None` behind a mongos.
@@ -41,12 +41,12 @@ pub async fn connect(config: &Config) -> Result<Client, Error> {
     Client::with_options(options).map_err(|error| invalid_uri(config, &error))
 }
 
-/// Asks the server what it is.
+/// Asks the server which kind of deployment it belongs to.
 ///
 /// # Errors
 ///
 /// [`Error::NoChangeStreams`] for a standalone mongod, and [`Error::Mongo`] when no server
-/// answers (the caller retries).
+/// replies (the caller retries).
 pub async fn check(client: &Client, config: &Config) -> Result<Deployment, Error> {
     let admin = client.database("admin");
     let hello = match admin.run_command(doc! { "hello": 1 }).await {

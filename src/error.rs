@@ -67,7 +67,7 @@ pub enum Error {
     )]
     InvalidState { namespace: String, problem: String },
 
-    /// A unique index cannot be built because the collection already holds duplicates.
+    /// A unique index cannot be built because the collection already contains duplicates.
     #[error(
         "cannot create the unique index on {namespace}: it already holds documents with the same \
          key ({}); remove the duplicates, then start again",
@@ -134,7 +134,7 @@ pub enum Error {
     },
 }
 
-/// What perfagg was doing when a MongoDB operation failed, for the message and the log.
+/// Operation perfagg was running when MongoDB failed, for the message and the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Connect,
@@ -178,7 +178,7 @@ impl Error {
         }
     }
 
-    /// The process exit code for this error: 2 when the deployment has no change streams, 3
+    /// Returns the process exit code for this error: 2 when the deployment has no change streams, 3
     /// when the stored position cannot be resumed, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {

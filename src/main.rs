@@ -172,7 +172,7 @@ async fn reset(args: &ResetCommand) -> Result<(), Error> {
 }
 
 /// Loads the configuration for a one-shot command, whose log shows only warnings and errors
-/// unless PERFAGG_LOG asks for more.
+/// unless PERFAGG_LOG sets another level.
 fn load_quiet(args: &ConfigArgs) -> Result<Config, Error> {
     let mut environment = Environment::from_process();
     environment.log.get_or_insert_with(|| "warn".to_string());

@@ -11,7 +11,7 @@ use signal_hook_tokio::Signals;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-/// Longest time between the first signal and the end of the process.
+/// Maximum time between the first signal and the end of the process.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Starts the task that turns signals into cancellation of `token`.

@@ -146,7 +146,7 @@ impl<'a> Sink<'a> {
         Ok(id)
     }
 
-    /// The state store that every commit writes the position through.
+    /// Returns the state store that every commit writes the position through.
     pub fn state(&self) -> &StateStore {
         &self.state
     }
@@ -643,6 +643,11 @@ fn target_key(document: &Document) -> Option<Key> {
     })
 }
 
+/// Identifies a staging document across a batch: its collection and `_id`.
+fn record_key(change: &Change) -> (String, String) {
+    (change.collection.clone(), change.staging_id.to_string())
+}
+
 /// The last outcome of each staging document in a batch: a reject upsert when its last
 /// version was invalid, or the removal of its old reject record when it merged.
 #[derive(Default)]
@@ -659,6 +664,11 @@ enum RejectOutcome {
 
 impl RejectRecords {
     fn merged(&mut self, change: &Change) {
+        // An inserted staging document has no earlier version, so no reject record to remove;
+        // skipping it spares the common batch the extra delete command.
+        if change.is_insert && !self.index.contains_key(&record_key(change)) {
+            return;
+        }
         let filter = doc! { "source": &change.collection, "staging_id": change.staging_id.clone() };
         self.record(change, RejectOutcome::Remove(filter));
     }
@@ -668,7 +678,7 @@ impl RejectRecords {
     }
 
     fn record(&mut self, change: &Change, outcome: RejectOutcome) {
-        let key = (change.collection.clone(), change.staging_id.to_string());
+        let key = record_key(change);
         match self.index.get(&key) {
             Some(&position) => self.outcomes[position] = outcome,
             None => {

@@ -199,12 +199,12 @@ impl StateStore {
         self
     }
 
-    /// The watch filter of the current configuration.
+    /// Returns the watch filter of the current configuration.
     pub fn watched(&self) -> &Document {
         &self.watched
     }
 
-    /// The state collection's `db.coll` name, for messages.
+    /// Returns the state collection's `db.coll` name, for messages.
     pub fn namespace(&self) -> String {
         self.coll.namespace().to_string()
     }

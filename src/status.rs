@@ -59,7 +59,7 @@ async fn gather(db: &Database, config: &Config) -> Result<Value, Error> {
     });
 
     // The position is lost once its cluster time is older than the oplog's oldest entry. A
-    // user without read access to the `local` database sees no window rather than an error.
+    // user without read access to the `local` database gets no window rather than an error.
     let oplog_oldest = oldest_oplog_time(db.client()).await.ok();
     let position_time = match (stream.get("cluster_time"), stream.get("start_at")) {
         (Some(Bson::Timestamp(time)), _) | (_, Some(Bson::Timestamp(time))) => Some(*time),

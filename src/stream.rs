@@ -45,6 +45,9 @@ pub struct Change {
     pub collection: String,
     pub staging_id: Bson,
     pub operation: Operation,
+    /// Whether this is an insert: a staging `_id` that was never seen before, so it has no
+    /// reject record to clear when it merges.
+    pub is_insert: bool,
     pub wall_time: Option<DateTime<Utc>>,
 }
 
@@ -140,7 +143,7 @@ impl ChangeSource {
         })
     }
 
-    /// The stream's current resume token: after the last returned event, or the server's
+    /// Returns the stream's current resume token: after the last returned event, or the server's
     /// post-batch token once every returned event has been handed out.
     pub fn resume_token(&self) -> Option<Document> {
         let token = self.stream.resume_token()?;
@@ -204,7 +207,7 @@ impl ChangeSource {
         Ok(batch)
     }
 
-    /// Whether the server closed the stream (after an invalidate event).
+    /// Returns whether the server keeps the stream open (false after an invalidate event).
     pub fn is_alive(&self) -> bool {
         self.stream.is_alive()
     }
@@ -283,6 +286,7 @@ impl ChangeSource {
             source,
             collection,
             staging_id,
+            is_insert: event.get_str("operationType") == Ok("insert"),
             operation,
             wall_time,
         }))

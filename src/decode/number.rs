@@ -193,7 +193,7 @@ fn parse_text(raw: &str) -> Result<Number, String> {
         ));
     }
 
-    // The value is whole when no non-zero digit stands right of the decimal point once the
+    // The value is whole when no non-zero digit is right of the decimal point once the
     // exponent has moved it.
     let digits: Vec<u8> = integer_part.bytes().chain(fraction_part.bytes()).collect();
     let point = integer_part.len() as i64 + exponent;

@@ -178,6 +178,8 @@ fn rescan_change(source: Source, collection: &str, document: Document, start: &P
         collection: collection.to_string(),
         staging_id,
         operation: Operation::Upsert(Some(document)),
+        // A rescanned document may have been rejected before.
+        is_insert: false,
         wall_time,
     }
 }

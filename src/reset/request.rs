@@ -1,5 +1,5 @@
 //! The `perfagg reset` command: parses the request, checks that it can succeed (a `--since`
-//! time must still be inside the oplog window), shows what it will do, asks for confirmation
+//! time must still be inside the oplog window), shows what it will do, requests confirmation
 //! on a terminal, and stores the request. The daemon performs it (see `perform`).
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -153,8 +153,8 @@ fn parse_day(text: &str) -> Result<NaiveDate, Error> {
         .map_err(|_| invalid(&format!("--since `{text}` is not a day")))
 }
 
-/// Refuses a reset of a database that holds neither perfagg's state nor a staging
-/// collection: most likely `--config` or `PERFAGG_DATABASE` names the wrong one.
+/// Rejects a reset of a database that contains neither perfagg's state nor a staging
+/// collection, because most likely `--config` or `PERFAGG_DATABASE` names the wrong one.
 async fn check_database_in_use(db: &Database, config: &Config) -> Result<(), Error> {
     let names = db
         .list_collection_names()

@@ -19,7 +19,7 @@ mod watch;
 use std::time::Duration;
 
 use mongodb::bson::{doc, Bson, Document};
-use mongodb::Client;
+use mongodb::{Client, Database};
 
 /// How long a daemon may take to report ready, including a wait for an expired lease.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,6 +31,15 @@ const SHORT_LEASE: &str = "[lease]\nttl_seconds = 2\n";
 /// The application name perfagg's client sends, which fail points filter on so that the
 /// test's own commands are not affected.
 const PERFAGG_APP_NAME: &str = concat!("perfagg ", env!("CARGO_PKG_VERSION"));
+
+/// Returns the target document of the entity `name`.
+pub async fn target(db: &Database, name: &str) -> Document {
+    db.collection::<Document>("performance_data")
+        .find_one(doc! { "entity_name": name })
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no target for {name}"))
+}
 
 /// Prints the summary line of a fault test.
 fn summary(test: &str, text: &str) {

@@ -92,7 +92,7 @@ impl Setup {
         .await;
     }
 
-    /// The target documents by key, with the named fields removed.
+    /// Returns the target documents by key, with the named fields removed.
     async fn targets_without(&self, ignored: &[&str]) -> BTreeMap<String, Document> {
         let cursor = self.coll("performance_data").find(doc! {}).await.unwrap();
         let documents: Vec<Document> = cursor.try_collect().await.unwrap();
@@ -488,7 +488,7 @@ async fn reset_to_now_skips_backlog() {
     assert_eq!(daemon.terminate().await.code(), Some(0));
 }
 
-/// Requests that cannot succeed are refused with a message that says what to do.
+/// Requests that cannot succeed are rejected with a message that explains what to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_refuses_invalid_requests() {
     let setup = Setup::new("reset_refusals").await;

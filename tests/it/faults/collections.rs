@@ -10,6 +10,7 @@ use mongodb::{Collection, Database, IndexModel};
 
 use super::load::{METRICS, SURVEYS};
 use super::model::{committed_totals, wait_committed};
+use super::target;
 use super::{count_messages, summary, READY_TIMEOUT};
 use crate::support::{shared_replica_set, unique_database, wait_until, Daemon};
 
@@ -30,14 +31,6 @@ async fn all_targets(db: &Database) -> Vec<Document> {
         .try_collect()
         .await
         .unwrap()
-}
-
-async fn target(db: &Database, name: &str) -> Document {
-    db.collection::<Document>("performance_data")
-        .find_one(doc! { "entity_name": name })
-        .await
-        .unwrap()
-        .unwrap_or_else(|| panic!("no target for {name}"))
 }
 
 /// Dropping one staging collection and renaming the other while the daemon runs is logged,

@@ -4,9 +4,10 @@
 use std::time::{Duration, Instant};
 
 use mongodb::bson::{doc, Bson, Document};
-use mongodb::{Collection, Database};
+use mongodb::Collection;
 
 use super::model::{committed_totals, wait_committed};
+use super::target;
 use super::{count_messages, fail_commands, summary, READY_TIMEOUT};
 use crate::support::{shared_replica_set, unique_database, Daemon, ReplicaSet};
 
@@ -26,14 +27,6 @@ fn large_array(mebibytes: usize, letter: char) -> Vec<Bson> {
     (0..mebibytes)
         .map(|_| Bson::String(letter.to_string().repeat(MEBIBYTE)))
         .collect()
-}
-
-async fn target(db: &Database, name: &str) -> Document {
-    db.collection::<Document>("performance_data")
-        .find_one(doc! { "entity_name": name })
-        .await
-        .unwrap()
-        .unwrap_or_else(|| panic!("no target for {name}"))
 }
 
 /// In one batch of valid changes, an invalid document and a survey whose merge would grow

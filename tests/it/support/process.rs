@@ -134,7 +134,7 @@ pub fn file_tail(path: &Path, count: usize) -> String {
     }
 }
 
-/// The folder that contains every scratch folder of the harness: `target/perfagg-test/`.
+/// Returns the folder that contains every scratch folder of the harness: `target/perfagg-test/`.
 pub fn harness_root() -> PathBuf {
     let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let target = target_tmp.parent().unwrap_or(target_tmp);
